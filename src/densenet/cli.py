@@ -1,0 +1,55 @@
+"""The ``densenet`` command line: a thin layer over the package's modules.
+
+Each subcommand lives in the module of its concern, which provides two functions:
+``add_arguments(parser)`` and ``run(args) -> int``. This file only wires them together and turns
+the package's own errors into one-line messages with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import import_module
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "analyze": ("densenet.analysis", "parameters, shapes, MACs/FLOPs and connections of a model"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from densenet import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="densenet", description="DenseNet image classification on CIFAR-10 (PyTorch)."
+    )
+    parser.add_argument("--version", action="version", version=f"densenet {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from densenet.errors import DenseNetError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except DenseNetError as exc:
+        print(f"densenet {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"densenet {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
