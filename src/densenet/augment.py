@@ -1,0 +1,251 @@
+"""Training batches on the training device: batched augmentation and epoch orders.
+
+The whole dataset sits on the device as uint8. For each batch, :class:`Augmenter` crops, flips,
+cuts out, jitters and normalises all images at once with tensor operations (no per-image Python
+work, no worker processes), drawing every random number from the ``torch.Generator`` it is given.
+:func:`epoch_batches` gives the index batches of an epoch, reshuffled from (seed, epoch), sharded
+across ranks for distributed training.
+
+The random draws are separated from the transforms: :func:`crop_flip`, :func:`cutout` and
+:func:`color_jitter` take explicit offsets, masks and factors, so they can be checked exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from densenet.errors import ConfigError
+
+PADDING_MODES = ("zeros", "reflect")
+_GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma weights
+
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Mirror indices outside [0, size) back inside, without repeating the edge (like numpy's 'reflect')."""
+    index = index.abs()
+    return torch.where(index > size - 1, 2 * (size - 1) - index, index)
+
+
+def crop_flip(
+    images: torch.Tensor,
+    offsets: torch.Tensor,
+    flip: torch.Tensor | None = None,
+    padding: int = 4,
+    padding_mode: str = "zeros",
+) -> torch.Tensor:
+    """Crop each image out of its padded version, then mirror the chosen ones left-right.
+
+    ``images`` (B, C, H, W) of any dtype; ``offsets`` (B, 2) integer (dy, dx), each in
+    ``[0, 2 * padding]``: the crop's top-left corner in the padded image; ``flip`` (B,) bool or
+    None. Image b of the result equals ``pad(images[b])[dy:dy+H, dx:dx+W]``, flipped if
+    ``flip[b]``. No padded copy is made: every output pixel gathers its source pixel directly.
+    The result has channels_last memory layout.
+    """
+    if padding_mode not in PADDING_MODES:
+        raise ConfigError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+    b, _, h, w = images.shape
+    dev = images.device
+    offsets = offsets.to(device=dev, dtype=torch.long)
+    rows = offsets[:, :1] - padding + torch.arange(h, device=dev)  # (B, H)
+    cols = torch.arange(w, device=dev).expand(b, w)
+    if flip is not None:
+        cols = torch.where(flip.to(dev).view(b, 1), w - 1 - cols, cols)
+    cols = offsets[:, 1:] - padding + cols  # (B, W)
+    if padding_mode == "reflect":
+        if padding > min(h, w) - 1:
+            raise ConfigError(f"reflect padding {padding} must be smaller than the image size {h}x{w}")
+        rows, cols = _reflect(rows, h), _reflect(cols, w)
+        inside = None
+    else:
+        inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+        rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
+    batch = torch.arange(b, device=dev).view(b, 1, 1)
+    out = images[batch, :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    if inside is not None:
+        out = out * inside.unsqueeze(-1).to(out.dtype)
+    return out.permute(0, 3, 1, 2)
+
+
+def cutout(x: torch.Tensor, centres: torch.Tensor, size: int, value: float = 0.0) -> torch.Tensor:
+    """Fill a ``size`` x ``size`` square around each image's centre (cy, cx) with ``value``.
+
+    The square spans rows ``cy - size // 2`` to ``cy - size // 2 + size - 1`` (likewise columns),
+    clipped at the borders. ``centres`` is (B, 2) integer.
+    """
+    b, _, h, w = x.shape
+    dev = x.device
+    top = centres[:, :1].to(dev, torch.long) - size // 2
+    left = centres[:, 1:].to(dev, torch.long) - size // 2
+    i = torch.arange(h, device=dev)
+    j = torch.arange(w, device=dev)
+    in_rows = (i >= top) & (i < top + size)  # (B, H)
+    in_cols = (j >= left) & (j < left + size)  # (B, W)
+    mask = (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)
+    return x.masked_fill(mask, value)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    return (_GRAY[0] * r + _GRAY[1] * g + _GRAY[2] * b).unsqueeze(1)
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast and saturation changes of RGB images on the 0-1 scale.
+
+    ``factors`` is (B, 3): per image the brightness, contrast and saturation factors, applied in
+    that order, each result clipped to [0, 1]. Brightness scales the pixels; contrast blends with
+    the image's mean grey level; saturation blends with the pixel's grey level (factor 1 keeps
+    the image, 0 gives grey).
+    """
+    f = factors.to(device=x.device, dtype=x.dtype).view(-1, 3, 1, 1, 1).unbind(1)
+    x = (x * f[0]).clamp_(0, 1)
+    m = _gray(x).mean(dim=(2, 3), keepdim=True)
+    x = ((x - m) * f[1] + m).clamp_(0, 1)
+    g = _gray(x)
+    return ((x - g) * f[2] + g).clamp_(0, 1)
+
+
+class Augmenter:
+    """Batched augmentation and normalisation of uint8 images on their own device.
+
+    ``augmenter(images_uint8, generator=None, train=True)`` returns a normalised float batch
+    ((x / 255 - mean) / std) of dtype ``dtype``, channels_last if asked. With ``train=True`` it
+    first applies, per image: a random crop of the image padded by ``crop_padding`` pixels (zeros
+    or reflection), a horizontal flip with probability 1/2, colour jitter of strength
+    ``color_jitter`` (factors uniform in [1 - s, 1 + s]) and cutout of a ``cutout`` x ``cutout``
+    square at a random centre (filled with 0 after normalisation, i.e. the mean colour). Each
+    option set to 0/False is skipped. Randomness comes only from ``generator``.
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        crop_padding: int = 4,
+        padding_mode: str = "zeros",
+        flip: bool = True,
+        cutout: int = 0,
+        color_jitter: float = 0.0,
+        channels_last: bool = True,
+        dtype: torch.dtype = torch.float32,
+    ):
+        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+            raise ConfigError(f"mean and std need 3 values each, std positive; got {mean} and {std}")
+        if crop_padding < 0 or cutout < 0 or color_jitter < 0:
+            raise ConfigError("crop_padding, cutout and color_jitter must not be negative")
+        if padding_mode not in PADDING_MODES:
+            raise ConfigError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        if not dtype.is_floating_point:
+            raise ConfigError(f"dtype must be a floating point type, got {dtype}")
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.crop_padding = int(crop_padding)
+        self.padding_mode = padding_mode
+        self.flip = bool(flip)
+        self.cutout = int(cutout)
+        self.color_jitter = float(color_jitter)
+        self.channels_last = bool(channels_last)
+        self.dtype = dtype
+        self._consts: dict = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"Augmenter(mean={self.mean}, std={self.std}, crop_padding={self.crop_padding}, "
+            f"padding_mode={self.padding_mode!r}, flip={self.flip}, cutout={self.cutout}, "
+            f"color_jitter={self.color_jitter}, channels_last={self.channels_last}, dtype={self.dtype})"
+        )
+
+    def _scale_shift(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """x * scale + shift == (x / 255 - mean) / std, as (1, 3, 1, 1) float32 tensors."""
+        if device not in self._consts:
+            mean = torch.tensor(self.mean, dtype=torch.float64)
+            std = torch.tensor(self.std, dtype=torch.float64)
+            scale = (1.0 / (255.0 * std)).float().view(1, 3, 1, 1).to(device)
+            shift = (-mean / std).float().view(1, 3, 1, 1).to(device)
+            self._consts[device] = (scale, shift)
+        return self._consts[device]
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """(x / 255 - mean) / std of uint8 images as float32 (memory layout kept)."""
+        scale, shift = self._scale_shift(images.device)
+        return images.to(torch.float32) * scale + shift
+
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, train: bool = True
+    ) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ConfigError(f"Augmenter expects uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        b, _, h, w = images.shape
+        dev = images.device
+        if train and (self.crop_padding or self.flip):
+            offsets = torch.full((b, 2), self.crop_padding, dtype=torch.long, device=dev)
+            if self.crop_padding:
+                offsets = torch.randint(0, 2 * self.crop_padding + 1, (b, 2), generator=generator, device=dev)
+            flips = torch.rand(b, generator=generator, device=dev) < 0.5 if self.flip else None
+            images = crop_flip(images, offsets, flips, self.crop_padding, self.padding_mode)
+        if train and self.color_jitter:
+            s = self.color_jitter
+            factors = torch.empty(b, 3, device=dev).uniform_(max(0.0, 1 - s), 1 + s, generator=generator)
+            x = color_jitter(images.to(torch.float32) / 255.0, factors)
+            mean = torch.tensor(self.mean, device=dev).view(1, 3, 1, 1)
+            std = torch.tensor(self.std, device=dev).view(1, 3, 1, 1)
+            x = (x - mean) / std
+        else:
+            x = self.normalize(images)
+        if train and self.cutout:
+            centres = torch.stack(
+                [
+                    torch.randint(0, h, (b,), generator=generator, device=dev),
+                    torch.randint(0, w, (b,), generator=generator, device=dev),
+                ],
+                dim=1,
+            )
+            x = cutout(x, centres, self.cutout)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.to(dtype=self.dtype, memory_format=fmt)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffling seed of an epoch: the same in every process, different for every epoch."""
+    return (int(seed) * 1_000_003 + int(epoch)) % (2**63)
+
+
+def epoch_batches(
+    num_samples: int,
+    batch_size: int,
+    *,
+    epoch: int,
+    seed: int,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[torch.Tensor]:
+    """Index batches (int64 CPU tensors) of one epoch.
+
+    With ``shuffle`` the order is a permutation drawn from :func:`epoch_seed` (seed, epoch), so a
+    resumed run sees the same batches; without it the order is 0..N-1. With ``world_size > 1``
+    rank r takes every world_size-th index starting at r, so ranks are disjoint; with
+    ``drop_last`` the epoch is first cut to a multiple of ``world_size`` and every rank drops its
+    last incomplete batch, so all ranks get the same number of full batches. ``batch_size`` is
+    per rank.
+    """
+    if batch_size < 1 or num_samples < 0:
+        raise ConfigError(f"batch_size must be positive and num_samples non-negative, got {batch_size}, {num_samples}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"rank must be in [0, world_size), got rank {rank}, world_size {world_size}")
+    if shuffle:
+        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
+    else:
+        order = torch.arange(num_samples)
+    if world_size > 1:
+        if drop_last:
+            order = order[: num_samples - num_samples % world_size]
+        order = order[rank::world_size]
+    batches = list(order.split(batch_size))
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
