@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import multiprocessing as mp
 import os
 import pickle
 import tempfile
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ SPLITS = ("train", "val", "test")
 PRETTY = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 CACHE_VERSION = 1
+PARALLEL_MIN = 2000  # image folders with fewer images are decoded in this process
 
 # Layout of the official versions: sub-directory, files of each split, and the metadata files.
 LAYOUTS = {
@@ -186,10 +188,14 @@ def detect(root: Path, name: str = "cifar10") -> Source:
 # the official python version
 
 
+class RefusedPickle(pickle.UnpicklingError):
+    """A pickle asked for something the restricted unpickler does not admit."""
+
+
 def _safe_codecs_encode(text, encoding="utf-8", errors="strict"):
     """What protocol-2 pickles written by Python 3 use for ``bytes``; only latin-1 is admitted."""
     if encoding.lower().replace("-", "").replace("_", "") not in ("latin1", "iso88591"):
-        raise pickle.UnpicklingError(f"codec {encoding!r} is not allowed")
+        raise RefusedPickle(f"codec {encoding!r} is not allowed")
     return text.encode("latin-1", errors)
 
 
@@ -224,11 +230,11 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         make = _ALLOWED_GLOBALS.get((module, name))
         if make is None:
-            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR file")
+            raise RefusedPickle(f"global '{module}.{name}' is not allowed in a CIFAR file")
         return make()
 
     def persistent_load(self, pid):
-        raise pickle.UnpicklingError("persistent references are not allowed in a CIFAR file")
+        raise RefusedPickle("persistent references are not allowed in a CIFAR file")
 
 
 def safe_unpickle(path: Path, fix: str = "") -> dict:
@@ -239,11 +245,10 @@ def safe_unpickle(path: Path, fix: str = "") -> dict:
         raise DataError(f"cannot read {path}: {exc.strerror or exc}{'; ' + fix if fix else ''}") from None
     try:
         obj = RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
-    except pickle.UnpicklingError as exc:
+    except RefusedPickle as exc:
         raise DataError(f"{path} is not a valid CIFAR file ({exc}){'; ' + fix if fix else ''}") from None
-    except Exception as exc:  # EOFError, ValueError, ... from a truncated or damaged file
-        kind = type(exc).__name__
-        raise DataError(f"{path} is truncated or corrupt ({kind}){'; ' + fix if fix else ''}") from None
+    except Exception as exc:  # EOFError, UnpicklingError, ValueError, ... from a truncated or damaged file
+        raise DataError(f"{path} is truncated or corrupt ({exc or type(exc).__name__}){'; ' + fix if fix else ''}") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path} is not a CIFAR file (holds {type(obj).__name__}, not a dict)")
     return {(k.decode("latin-1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
@@ -475,22 +480,38 @@ def _to_rgb(img):
     return img
 
 
+def _workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _decode_chunk(paths: list[str], image_size: int) -> np.ndarray:
+    return np.stack([decode_image(Path(p), image_size) for p in paths])
+
+
 def _decode_all(root: Path, entries, image_size: int, desc: str) -> np.ndarray:
+    """Decode every image of a split, in worker processes (one per core) when there are many.
+
+    Worker processes, not threads: for CIFAR-sized images most of a decode is Pillow's Python-level
+    header parsing, which holds the GIL (threads measured slower than one core).
+    """
     from tqdm import tqdm
 
-    out = np.empty((len(entries), 3, image_size, image_size), dtype=np.uint8)
-    workers = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
-    chunks = np.array_split(np.arange(len(entries)), workers * 8)
-    bar = tqdm(total=len(entries), desc=desc, unit="img", disable=None, leave=False)
-
-    def work(idx):
-        for i in idx:
-            out[i] = decode_image(root / entries[i][0], image_size)
-        bar.update(len(idx))
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for fut in [pool.submit(work, c) for c in chunks if len(c)]:
-            fut.result()
+    paths = [str(root / e[0]) for e in entries]
+    out = np.empty((len(paths), 3, image_size, image_size), dtype=np.uint8)
+    workers = min(_workers(), 8)
+    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None, leave=False)
+    if len(paths) < PARALLEL_MIN or workers < 2 or "fork" not in mp.get_all_start_methods():
+        for i, p in enumerate(paths):
+            out[i] = decode_image(Path(p), image_size)
+            bar.update(1)
+    else:
+        step = max(1, min(500, len(paths) // (4 * workers)))
+        starts = range(0, len(paths), step)
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            chunks = pool.map(_decode_chunk, [paths[s : s + step] for s in starts], [image_size] * len(starts))
+            for s, arr in zip(starts, chunks):
+                out[s : s + len(arr)] = arr
+                bar.update(len(arr))
     bar.close()
     return out
 
@@ -502,6 +523,7 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
         try:
             with os.fdopen(fd, "wb") as f:
                 np.save(f, array)
+            os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
