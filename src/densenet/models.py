@@ -113,8 +113,11 @@ class _DenseLayer(nn.Module):
             # Keep only the inputs (already stored by earlier layers) and conv1's small output;
             # the concatenation and the BN/ReLU maps are recomputed in backward. Nothing random
             # happens inside, so the RNG state need not be saved.
+            # Under torch.compile the recomputation is part of the compiled backward, which does
+            # not replay buffer updates, so the running-statistics guard is only needed eagerly.
+            contexts = {} if torch.compiler.is_compiling() else {"context_fn": self._recompute_contexts}
             out = checkpoint(self._concat_conv1, *inputs, use_reentrant=False, preserve_rng_state=False,
-                             context_fn=self._recompute_contexts)
+                             **contexts)
         else:
             out = self._concat_conv1(*inputs)
         if self.bottleneck:
