@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from densenet.errors import ConfigError
 
@@ -39,16 +40,17 @@ def crop_flip(
 
     ``images`` (B, C, H, W) of any dtype; ``offsets`` (B, 2) integer (dy, dx), each in
     ``[0, 2 * padding]``: the crop's top-left corner in the padded image; ``flip`` (B,) bool or
-    None. Image b of the result equals ``pad(images[b])[dy:dy+H, dx:dx+W]``, flipped if
-    ``flip[b]``. No padded copy is made: every output pixel gathers its source pixel directly.
-    The result has channels_last memory layout.
+    None. Image b of the result equals ``pad(images[b])[:, dy:dy+H, dx:dx+W]``, flipped if
+    ``flip[b]``. One gather does it all: each output pixel's source index in the (zero-padded)
+    image is computed from the offsets and the flip mask; reflection maps indices back inside
+    the image instead of padding. The result is contiguous (B, C, H, W).
     """
     if padding_mode not in PADDING_MODES:
         raise ConfigError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-    b, _, h, w = images.shape
+    b, c, h, w = images.shape
     dev = images.device
     offsets = offsets.to(device=dev, dtype=torch.long)
-    rows = offsets[:, :1] - padding + torch.arange(h, device=dev)  # (B, H)
+    rows = offsets[:, :1] - padding + torch.arange(h, device=dev)  # (B, H), unpadded coordinates
     cols = torch.arange(w, device=dev).expand(b, w)
     if flip is not None:
         cols = torch.where(flip.to(dev).view(b, 1), w - 1 - cols, cols)
@@ -56,16 +58,14 @@ def crop_flip(
     if padding_mode == "reflect":
         if padding > min(h, w) - 1:
             raise ConfigError(f"reflect padding {padding} must be smaller than the image size {h}x{w}")
+        source, width = images, w
         rows, cols = _reflect(rows, h), _reflect(cols, w)
-        inside = None
     else:
-        inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
-        rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
-    batch = torch.arange(b, device=dev).view(b, 1, 1)
-    out = images[batch, :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-    if inside is not None:
-        out = out * inside.unsqueeze(-1).to(out.dtype)
-    return out.permute(0, 3, 1, 2)
+        source = F.pad(images, (padding,) * 4) if padding else images
+        width = w + 2 * padding
+        rows, cols = rows + padding, cols + padding
+    index = (rows[:, :, None] * width + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    return torch.gather(source.reshape(b, c, -1), 2, index).view(b, c, h, w)
 
 
 def cutout(x: torch.Tensor, centres: torch.Tensor, size: int, value: float = 0.0) -> torch.Tensor:
@@ -169,9 +169,9 @@ class Augmenter:
         return self._consts[device]
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """(x / 255 - mean) / std of uint8 images as float32 (memory layout kept)."""
+        """(x / 255 - mean) / std of uint8 images as float32, in one pass (memory layout kept)."""
         scale, shift = self._scale_shift(images.device)
-        return images.to(torch.float32) * scale + shift
+        return torch.addcmul(shift, images, scale)  # uint8 promoted to float32 on the fly
 
     def __call__(
         self, images: torch.Tensor, generator: torch.Generator | None = None, train: bool = True
