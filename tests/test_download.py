@@ -247,3 +247,10 @@ def test_existing_archive_with_a_wrong_md5_is_replaced(server, tmp_path, monkeyp
     assert (tmp_path / "cifar-10-python.tar.gz").read_bytes() == archive
     assert len(server.requests) == 1
 
+
+
+def test_unwritable_data_dir_is_a_one_line_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a directory")
+    assert main(["download", "--data-dir", str(blocker / "data"), "--url", "http://127.0.0.1:9/"]) == 2
+    assert "error: cannot create the data directory" in capsys.readouterr().err

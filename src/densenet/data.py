@@ -507,11 +507,17 @@ def _decode_all(root: Path, entries, image_size: int, desc: str) -> np.ndarray:
     else:
         step = max(1, min(500, len(paths) // (4 * workers)))
         starts = range(0, len(paths), step)
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+        with warnings.catch_warnings(), ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            # the workers only run Pillow and numpy, so forking a process that has threads is safe here
+            warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
             chunks = pool.map(_decode_chunk, [paths[s : s + step] for s in starts], [image_size] * len(starts))
-            for s, arr in zip(starts, chunks):
-                out[s : s + len(arr)] = arr
-                bar.update(len(arr))
+            try:
+                for s, arr in zip(starts, chunks):
+                    out[s : s + len(arr)] = arr
+                    bar.update(len(arr))
+            except BaseException:  # a bad file or Ctrl-C: do not decode the rest first
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     bar.close()
     return out
 

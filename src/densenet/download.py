@@ -171,15 +171,19 @@ def download(
     if archive.is_file() and file_md5(archive) == expected:
         if is_complete(name, target):
             return target
-        return extract(archive, name, target)
+        try:
+            return extract(archive, name, target)
+        except OSError as exc:
+            raise DataError(f"cannot write to {root}: {exc.strerror or exc}") from None
     if not archive.exists() and expected_md5 is None and is_complete(name, target, check_md5=True):
         return target
 
     source = archive_url(name, url)
-    fd, part_name = tempfile.mkstemp(prefix=f".{archive.name}.", suffix=".part", dir=root)
-    os.close(fd)
-    part = Path(part_name)
+    part = None
     try:
+        fd, part_name = tempfile.mkstemp(prefix=f".{archive.name}.", suffix=".part", dir=root)
+        os.close(fd)
+        part = Path(part_name)
         print(f"downloading {source}", file=sys.stderr)
         actual = _fetch(source, part, timeout, progress)
         if actual != expected:
@@ -189,8 +193,11 @@ def download(
             )
         extract(part, name, target, label=source)
         os.replace(part, archive)
+    except OSError as exc:  # creating the temporary file or directory, moving into place
+        raise DataError(f"cannot write to {root}: {exc.strerror or exc}") from None
     finally:
-        part.unlink(missing_ok=True)
+        if part is not None:
+            part.unlink(missing_ok=True)
     return target
 
 
