@@ -5,7 +5,7 @@ per-image pipeline of a DataLoader (pad, random crop, flip, to tensor, normalise
 time), in two flavours: PIL images (as torchvision's transforms do) and numpy arrays. Prints
 images/s as the median of several repetitions and the speed-up.
 
-    .venv/bin/python benchmarks/data_pipeline.py [--batch 512] [--repeats 15] [--device cpu]
+    .venv/bin/python benchmarks/data_pipeline.py [--batch 512] [--repeats 15] [--device cpu] [--threads N]
 
 Images are a batch of the real training set when ``--data-dir``/``$DENSENET_DATA`` holds one,
 random images otherwise (the speed does not depend on the pixels).
@@ -92,7 +92,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15, help="timed repetitions (median reported; >= 5)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     repeats = max(5, args.repeats)
 
     images, what = load_batch(args.batch, args.data_dir)

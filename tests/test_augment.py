@@ -129,6 +129,16 @@ def test_train_pipeline_equals_crop_flip_then_normalise():
     assert torch.equal(out, aug.normalize(torch.from_numpy(np.stack(ref))))
 
 
+def test_cutout_in_the_pipeline_equals_cutout_of_the_normalised_batch():
+    x = _images(32)
+    aug = Augmenter(MEAN, STD, crop_padding=0, flip=False, cutout=5, channels_last=False)
+    out = aug(x, torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)  # replay: cutout centres are the only draws here
+    centres = torch.stack([torch.randint(0, 32, (32,), generator=g), torch.randint(0, 32, (32,), generator=g)], 1)
+    assert torch.equal(out, cutout(aug.normalize(x), centres, 5))
+    assert ((out == 0).flatten(1).sum(1) >= 3 * 9).all()  # at least a 3x3 corner of each square survives clipping
+
+
 def test_options_switched_off_leave_images_alone():
     x = _images(8)
     aug = Augmenter(MEAN, STD, crop_padding=0, flip=False)

@@ -68,22 +68,24 @@ def crop_flip(
     return torch.gather(source.reshape(b, c, -1), 2, index).view(b, c, h, w)
 
 
+def _cutout_mask(shape, centres: torch.Tensor, size: int, device) -> torch.Tensor:
+    b, _, h, w = shape
+    top = centres[:, :1].to(device, torch.long) - size // 2
+    left = centres[:, 1:].to(device, torch.long) - size // 2
+    i = torch.arange(h, device=device)
+    j = torch.arange(w, device=device)
+    in_rows = (i >= top) & (i < top + size)  # (B, H)
+    in_cols = (j >= left) & (j < left + size)  # (B, W)
+    return (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)  # (B, 1, H, W)
+
+
 def cutout(x: torch.Tensor, centres: torch.Tensor, size: int, value: float = 0.0) -> torch.Tensor:
     """Fill a ``size`` x ``size`` square around each image's centre (cy, cx) with ``value``.
 
     The square spans rows ``cy - size // 2`` to ``cy - size // 2 + size - 1`` (likewise columns),
     clipped at the borders. ``centres`` is (B, 2) integer.
     """
-    b, _, h, w = x.shape
-    dev = x.device
-    top = centres[:, :1].to(dev, torch.long) - size // 2
-    left = centres[:, 1:].to(dev, torch.long) - size // 2
-    i = torch.arange(h, device=dev)
-    j = torch.arange(w, device=dev)
-    in_rows = (i >= top) & (i < top + size)  # (B, H)
-    in_cols = (j >= left) & (j < left + size)  # (B, W)
-    mask = (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)
-    return x.masked_fill(mask, value)
+    return x.masked_fill(_cutout_mask(x.shape, centres, size, x.device), value)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -186,15 +188,19 @@ class Augmenter:
                 offsets = torch.randint(0, 2 * self.crop_padding + 1, (b, 2), generator=generator, device=dev)
             flips = torch.rand(b, generator=generator, device=dev) < 0.5 if self.flip else None
             images = crop_flip(images, offsets, flips, self.crop_padding, self.padding_mode)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         if train and self.color_jitter:
             s = self.color_jitter
             factors = torch.empty(b, 3, device=dev).uniform_(max(0.0, 1 - s), 1 + s, generator=generator)
             x = color_jitter(images.to(torch.float32) / 255.0, factors)
             mean = torch.tensor(self.mean, device=dev).view(1, 3, 1, 1)
             std = torch.tensor(self.std, device=dev).view(1, 3, 1, 1)
-            x = (x - mean) / std
+            x = ((x - mean) / std).to(dtype=self.dtype, memory_format=fmt)
         else:
-            x = self.normalize(images)
+            # normalise, convert and lay out in a single pass, straight into the output tensor
+            x = torch.empty(images.shape, dtype=self.dtype, device=dev, memory_format=fmt)
+            scale, shift = self._scale_shift(dev)
+            torch.addcmul(shift, images, scale, out=x)
         if train and self.cutout:
             centres = torch.stack(
                 [
@@ -203,9 +209,8 @@ class Augmenter:
                 ],
                 dim=1,
             )
-            x = cutout(x, centres, self.cutout)
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return x.to(dtype=self.dtype, memory_format=fmt)
+            x.masked_fill_(_cutout_mask(x.shape, centres, self.cutout, dev), 0.0)
+        return x
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
