@@ -116,19 +116,24 @@ def extract(archive: Path, name: str, target: Path, label: str | None = None) ->
     folder = _folder(name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder}.extract-", dir=target.parent))
     try:
+        corrupt = (tarfile.TarError, EOFError, zlib.error)
         try:
-            with tarfile.open(archive, "r:*") as tar:
-                members = tar.getmembers()  # reads the whole archive: truncation shows up here
-                for m in members:
-                    reason = _unsafe_reason(m)
-                    if reason:
-                        raise DataError(f"{label} is refused: member {m.name!r} {reason}")
+            tar = tarfile.open(archive, "r:*")
+            members = tar.getmembers()  # reads (and decompresses) the whole archive: truncation shows here
+        except (*corrupt, OSError) as exc:  # gzip.BadGzipFile is an OSError
+            raise DataError(f"{label} is truncated or corrupt ({exc or type(exc).__name__})") from None
+        with tar:
+            for m in members:
+                reason = _unsafe_reason(m)
+                if reason:
+                    raise DataError(f"{label} is refused: member {m.name!r} {reason}")
+            try:
                 if hasattr(tarfile, "data_filter"):
                     tar.extractall(tmp, members=members, filter="data")
                 else:  # pragma: no cover - Python without extraction filters
                     tar.extractall(tmp, members=members)
-        except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-            raise DataError(f"{label} is truncated or corrupt ({exc or type(exc).__name__})") from None
+            except corrupt as exc:  # OSError here is a write error: the caller reports it
+                raise DataError(f"{label} is truncated or corrupt ({exc or type(exc).__name__})") from None
         extracted = tmp / folder
         missing = [f for f in _expected_files(name) if not (extracted / f).is_file()]
         if missing:
