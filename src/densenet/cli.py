@@ -15,6 +15,7 @@ from importlib import import_module
 COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("densenet.analysis", "parameters, shapes, MACs/FLOPs and connections of a model"),
     "download": ("densenet.download", "fetch CIFAR-10/100 (python version), verify its md5 and extract it safely"),
+    "export": ("densenet.export", "export trained weights to ONNX and check them against PyTorch in ONNX Runtime"),
 }
 
 
