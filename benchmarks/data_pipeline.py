@@ -61,18 +61,20 @@ def per_image_numpy(images_hwc: list[np.ndarray], rng: np.random.Generator) -> t
     return torch.stack(out)
 
 
-def measure(fn, repeats: int, sync=lambda: None) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs, after two warm-up runs."""
-    for _ in range(2):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def measure(fns: dict, repeats: int, sync=lambda: None) -> dict[str, float]:
+    """Median seconds of each function over ``repeats`` rounds, after two warm-up rounds.
+
+    The functions take turns within every round, so that they see the same load on a shared machine.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeats + 2):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            if r >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def load_batch(batch: int, data_dir: str | None) -> tuple[torch.Tensor, str]:
@@ -107,12 +109,18 @@ def main() -> None:
     aug = Augmenter(MEAN, STD)  # crop with 4 zero pixels of padding, flip, normalise; float32 channels_last
     on_device = images.to(device)
     gen = torch.Generator(device=device).manual_seed(0)
-    batched = measure(lambda: aug(on_device, gen), repeats, sync)
-
     hwc = [img.permute(1, 2, 0).numpy().copy() for img in images]
     rng = np.random.default_rng(0)
-    pil = measure(lambda: per_image_pil(hwc, rng), repeats)
-    npy = measure(lambda: per_image_numpy(hwc, rng), repeats)
+    t = measure(
+        {
+            "batched": lambda: aug(on_device, gen),
+            "pil": lambda: per_image_pil(hwc, rng),
+            "numpy": lambda: per_image_numpy(hwc, rng),
+        },
+        repeats,
+        sync,
+    )
+    batched, pil, npy = t["batched"], t["pil"], t["numpy"]
 
     n = args.batch
     print(f"batched Augmenter          {n / batched:12,.0f} images/s  ({batched * 1e3:8.2f} ms per batch)")
