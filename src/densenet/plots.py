@@ -1,0 +1,95 @@
+"""Pictures: training curves and confusion matrices, drawn with matplotlib's Agg backend.
+
+Both functions write a PNG file and return its path; they never open a window.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> Path:
+    from densenet.weights import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_curves(history: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Loss and accuracy per epoch, train and test (and validation when present).
+
+    ``history`` holds one dict per epoch with ``epoch``, ``train_loss``, ``train_acc`` and
+    optionally ``test_loss``/``test_acc``/``val_loss``/``val_acc`` (accuracies as fractions);
+    missing or None values are left out of the lines.
+    """
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    try:
+        for split, style in (("train", "-"), ("val", "--"), ("test", "-")):
+            for ax, key, scale in ((ax_loss, "loss", 1.0), (ax_acc, "acc", 100.0)):
+                points = [
+                    (row["epoch"], row[f"{split}_{key}"] * scale)
+                    for row in history
+                    if row.get(f"{split}_{key}") is not None
+                ]
+                if points:
+                    xs, ys = zip(*points)
+                    ax.plot(xs, ys, style, marker="o", markersize=3, label=split)
+        ax_loss.set_title("loss")
+        ax_acc.set_title("top-1 accuracy (%)")
+        for ax in (ax_loss, ax_acc):
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_confusion(matrix, classes: list[str], path: str | os.PathLike, title: str = "") -> Path:
+    """A confusion matrix (rows: true class, columns: predicted), coloured by row fraction.
+
+    Cells show counts when there are at most 20 classes.
+    """
+    import numpy as np
+
+    plt = _pyplot()
+    counts = np.asarray(matrix, dtype=np.int64)
+    totals = counts.sum(axis=1, keepdims=True)
+    fractions = counts / np.maximum(totals, 1)
+    n = len(classes)
+    size = max(5.0, min(0.55 * n + 2, 24.0))
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    try:
+        image = ax.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+        if n <= 20:
+            ax.set_xticks(range(n), classes, rotation=45, ha="right")
+            ax.set_yticks(range(n), classes)
+            for i in range(n):
+                for j in range(n):
+                    colour = "white" if fractions[i, j] > 0.5 else "black"
+                    ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8, color=colour)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title or "confusion matrix")
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)

@@ -1,0 +1,1058 @@
+"""``densenet train``: training with resumable, atomic checkpoints, on the CPU or a CUDA device.
+
+:class:`TrainConfig` holds every setting; :data:`RECIPES` are named presets of it; :func:`train`
+runs a configuration and returns a summary. The whole training set sits on the device as uint8;
+each batch's indices come from :func:`densenet.augment.epoch_batches` and its augmentation from a
+generator seeded with (seed, epoch, batch index), and the global RNG state is checkpointed, so a
+resumed run -- even one stopped in the middle of an epoch -- continues with exactly the batches,
+and on the CPU exactly the weights, of an uninterrupted one.
+
+Run directory (``out_dir``): ``config.json``, ``metrics.csv``, ``metrics.jsonl``, ``curves.png``,
+``checkpoint-last.pt`` (every epoch and when stopped), ``checkpoint-best.pt``, and at the end
+``model.safetensors`` + ``model.json`` (also written to ``weights_dir``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from densenet.errors import ConfigError, DenseNetError, WeightsError
+
+SCHEDULES = ("step", "cosine", "onecycle", "constant")
+AMPS = ("none", "bf16", "fp16")
+PROGRESS = ("auto", "bar", "lines", "none")
+# settings a resumed run must share with its checkpoint (they define the model and the batches)
+RESUME_FIXED = ("model", "dataset", "batch_size", "seed", "subset", "val_split", "dropout", "num_classes")
+# test hook: send SIGTERM to this process after this many optimizer steps (global count)
+SIGTERM_AFTER_STEP_ENV = "DENSENET_SIGTERM_AFTER_STEP"
+
+
+class TrainingError(DenseNetError):
+    """Training cannot go on: the loss diverged, or a checkpoint does not fit the run."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. The defaults are the original design's (``recipe original``)."""
+
+    model: str = "densenet121-cifar"
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    num_classes: int | None = None  # None: the number of classes in the data
+    epochs: int = 200
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    schedule: str = "step"
+    milestones: list[float] = field(default_factory=lambda: [50.0, 75.0])  # epochs, or fractions if all < 1
+    gamma: float = 0.1
+    warmup_epochs: float | None = None  # None: 0, or 30% of the epochs for onecycle
+    label_smoothing: float = 0.0
+    dropout: float = 0.0
+    crop_padding: int = 4
+    flip: bool = True
+    cutout: int = 0
+    color_jitter: float = 0.0
+    val_split: int = 0
+    subset: int | None = None  # train on N training images drawn with the seed
+    test_subset: int | None = None  # evaluate on N test images (always the same N)
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "none"
+    channels_last: bool = True
+    compile: bool = False
+    memory_efficient: bool = False
+    ema: float | None = None  # decay of an exponential moving average of the weights; None: off
+    tta: bool = False
+    eval_every: int = 1
+    eval_batch_size: int | None = None  # None: max(batch_size, 500)
+    out_dir: str | None = None  # None: runs/<model>-<timestamp>
+    weights_dir: str | None = "densenet121_weights"  # None: final weights only in the run directory
+    resume: str | None = None  # a checkpoint, a run directory, or "auto"
+    max_minutes: float | None = None  # stop cleanly after this much wall time in this process
+    threads: int | None = None
+    recipe: str | None = None
+    progress: str = "auto"  # auto: a tqdm bar on a terminal, else one line per epoch
+
+
+RECIPES: dict[str, dict] = {
+    "original": {
+        "description": "the original design: densenet121-cifar, 200 epochs, batch 64, SGD lr 0.01 momentum 0.9, "
+        "step x0.1 at epochs 50 and 75, He init, crop+flip",
+        "settings": dict(model="densenet121-cifar", epochs=200, batch_size=64, lr=0.01, momentum=0.9,
+                         nesterov=False, weight_decay=1e-4, schedule="step", milestones=[50.0, 75.0],
+                         gamma=0.1, crop_padding=4, flip=True),
+    },
+    "paper": {
+        "description": "Huang et al.'s CIFAR setup: densenet-bc-100-12, 300 epochs, batch 64, lr 0.1, Nesterov "
+        "0.9, wd 1e-4, x0.1 at 50% and 75%, crop+flip",
+        "settings": dict(model="densenet-bc-100-12", epochs=300, batch_size=64, lr=0.1, momentum=0.9,
+                         nesterov=True, weight_decay=1e-4, schedule="step", milestones=[0.5, 0.75],
+                         gamma=0.1, crop_padding=4, flip=True),
+    },
+    "quick": {
+        "description": "CPU demo, <= 10 minutes: densenet-bc-mini, 6 epochs, batch 128, one-cycle to lr 0.2, "
+        "Nesterov, wd 5e-4, label smoothing 0.1, crop+flip, channels_last",
+        "settings": dict(model="densenet-bc-mini", epochs=6, batch_size=128, lr=0.2, momentum=0.9,
+                         nesterov=True, weight_decay=5e-4, schedule="onecycle", warmup_epochs=1.5,
+                         label_smoothing=0.1, crop_padding=4, flip=True, channels_last=True,
+                         max_minutes=10.0),
+    },
+    "fast": {
+        "description": "GPU time-to-accuracy plumbing (untuned): densenet121-cifar, bf16, channels_last, "
+        "batch 512, one-cycle to lr 0.8, label smoothing 0.1, EMA 0.999, flip TTA, torch.compile",
+        "settings": dict(model="densenet121-cifar", epochs=30, batch_size=512, lr=0.8, momentum=0.9,
+                         nesterov=True, weight_decay=5e-4, schedule="onecycle", warmup_epochs=6,
+                         label_smoothing=0.1, amp="bf16", channels_last=True, ema=0.999, tta=True,
+                         compile=True, device="cuda"),
+    },
+}
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+
+def config_fields() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]
+
+
+def make_config(config: TrainConfig | dict | None = None, **overrides) -> TrainConfig:
+    """A :class:`TrainConfig` from a config, a dict (recipe values under explicit ones), or keywords.
+
+    A dict or keywords may name ``recipe``: its settings apply first, the other values on top.
+    """
+    if isinstance(config, TrainConfig):
+        values = asdict(config)
+        values.update(overrides)
+        return TrainConfig(**values)
+    values = dict(config or {})
+    values.update(overrides)
+    unknown = sorted(set(values) - set(config_fields()))
+    if unknown:
+        raise ConfigError(f"unknown training setting(s): {', '.join(unknown)}")
+    base: dict = {}
+    if values.get("recipe"):
+        base.update(recipe_settings(values["recipe"]))
+    base.update({k: v for k, v in values.items()})
+    return TrainConfig(**base)
+
+
+def recipe_settings(name: str) -> dict:
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)} (see --list-recipes)")
+    return dict(RECIPES[name]["settings"], recipe=name)
+
+
+def parse_milestones(text: str | list | tuple | None) -> list[float]:
+    """``"50,75"`` or ``"0.5,0.75"`` (or a list) as a list of floats."""
+    if text is None:
+        return []
+    if isinstance(text, (list, tuple)):
+        items = list(text)
+    else:
+        items = [t for t in str(text).replace(" ", "").split(",") if t]
+    try:
+        return [float(t) for t in items]
+    except ValueError:
+        raise ConfigError(f"--milestones must be numbers separated by commas, got {text!r}") from None
+
+
+def milestone_epochs(config: TrainConfig) -> list[float]:
+    """Milestones in epochs: fractions (all values < 1) are scaled by the number of epochs."""
+    values = parse_milestones(config.milestones)
+    if values and all(0 < v < 1 for v in values):
+        return [v * config.epochs for v in values]
+    return values
+
+
+def warmup_epochs(config: TrainConfig) -> float:
+    if config.warmup_epochs is not None:
+        return float(config.warmup_epochs)
+    return 0.3 * config.epochs if config.schedule == "onecycle" else 0.0
+
+
+def validate(config: TrainConfig) -> None:
+    """Raise :class:`ConfigError` with one line for the first bad setting."""
+    from densenet.models import create_model
+
+    c = config
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    def is_int(v) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    need(is_int(c.epochs) and c.epochs >= 1, f"--epochs must be a positive integer, got {c.epochs!r}")
+    need(is_int(c.batch_size) and c.batch_size >= 1, f"--batch-size must be a positive integer, got {c.batch_size!r}")
+    need(c.lr > 0 and math.isfinite(c.lr), f"--lr must be positive, got {c.lr}")
+    need(0 <= c.momentum < 1, f"--momentum must be in [0, 1), got {c.momentum}")
+    need(not (c.nesterov and c.momentum == 0), "--nesterov needs a momentum above 0")
+    need(c.weight_decay >= 0, f"--weight-decay must not be negative, got {c.weight_decay}")
+    need(c.schedule in SCHEDULES, f"unknown --schedule {c.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    need(0 < c.gamma <= 1, f"--gamma must be in (0, 1], got {c.gamma}")
+    if c.schedule == "step":
+        values = parse_milestones(c.milestones)
+        fractions = [v for v in values if 0 < v < 1]
+        need(not fractions or len(fractions) == len(values),
+             f"--milestones mixes fractions and epochs: {values} (give all as epochs or all below 1)")
+        for m in milestone_epochs(c):
+            need(0 < m < c.epochs, f"milestone {m:g} is outside the run's epochs (0, {c.epochs})")
+        need(values == sorted(values), f"--milestones must be increasing, got {values}")
+    w = warmup_epochs(c)
+    need(0 <= w < c.epochs, f"--warmup-epochs must be in [0, epochs), got {w:g}")
+    need(0 <= c.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {c.label_smoothing}")
+    need(0 <= c.dropout < 1, f"--dropout must be in [0, 1), got {c.dropout}")
+    need(is_int(c.crop_padding) and c.crop_padding >= 0, f"--crop-padding must be >= 0, got {c.crop_padding!r}")
+    need(is_int(c.cutout) and c.cutout >= 0, f"--cutout must be >= 0, got {c.cutout!r}")
+    need(c.color_jitter >= 0, f"--color-jitter must be >= 0, got {c.color_jitter}")
+    need(is_int(c.val_split) and c.val_split >= 0, f"--val-split must be >= 0, got {c.val_split!r}")
+    need(c.subset is None or (is_int(c.subset) and c.subset >= 1), f"--subset must be >= 1, got {c.subset!r}")
+    need(c.test_subset is None or (is_int(c.test_subset) and c.test_subset >= 1),
+         f"--test-subset must be >= 1, got {c.test_subset!r}")
+    need(is_int(c.seed) and c.seed >= 0, f"--seed must be a non-negative integer, got {c.seed!r}")
+    need(c.amp in AMPS, f"unknown --amp {c.amp!r}; choose one of {', '.join(AMPS)}")
+    need(c.ema is None or 0 < c.ema < 1, f"--ema must be a decay in (0, 1), e.g. 0.999, got {c.ema}")
+    need(is_int(c.eval_every) and c.eval_every >= 1, f"--eval-every must be >= 1, got {c.eval_every!r}")
+    need(c.eval_batch_size is None or c.eval_batch_size >= 1, "--eval-batch-size must be >= 1")
+    need(c.max_minutes is None or c.max_minutes > 0, f"--max-minutes must be positive, got {c.max_minutes}")
+    need(c.threads is None or (is_int(c.threads) and c.threads >= 1), f"--threads must be >= 1, got {c.threads!r}")
+    need(c.num_classes is None or (is_int(c.num_classes) and c.num_classes >= 2), "--num-classes must be >= 2")
+    need(c.dataset in ("cifar10", "cifar100"), f"unknown --dataset {c.dataset!r}; choose cifar10 or cifar100")
+    need(c.progress in PROGRESS, f"progress must be one of {', '.join(PROGRESS)}, got {c.progress!r}")
+    if c.recipe is not None:
+        recipe_settings(c.recipe)
+    from densenet.evaluate import resolve_device
+
+    resolve_device(c.device)
+    with torch.device("meta"):
+        create_model(c.model, num_classes=10)
+
+
+# --- learning-rate schedule -------------------------------------------------------------------
+
+
+def lr_factor(step: int, steps_per_epoch: int, config: TrainConfig) -> float:
+    """The learning rate at optimizer step ``step`` (0-based) as a fraction of ``config.lr``.
+
+    A linear warm-up over ``warmup_epochs`` (from 1/warmup-steps to 1) precedes every schedule:
+    ``constant``; ``step`` (multiplied by ``gamma`` at each milestone epoch); ``cosine`` (half a
+    cosine down to 0 at the end); ``onecycle`` (after the warm-up peak, straight down to 0 at the
+    end: a triangular one-cycle schedule).
+    """
+    total = config.epochs * steps_per_epoch
+    warm = round(warmup_epochs(config) * steps_per_epoch)
+    if step < warm:
+        return (step + 1) / warm
+    epoch = step / steps_per_epoch
+    progress = (step - warm) / max(1, total - warm)
+    if config.schedule == "constant":
+        return 1.0
+    if config.schedule == "step":
+        return config.gamma ** sum(1 for m in milestone_epochs(config) if epoch >= m)
+    if config.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return max(0.0, 1.0 - progress)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def seeded_subset(dataset, n: int | None, seed: int):
+    """``n`` images of ``dataset`` drawn without replacement from ``seed`` (kept in file order)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    idx = perm[:n].sort().values
+    return dataclasses.replace(dataset, images=dataset.images[idx], labels=dataset.labels[idx])
+
+
+def batch_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one batch, mixed from (seed, epoch, batch index)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def load_data(config: TrainConfig) -> dict:
+    """``{"train": Dataset, "test": Dataset, ("val": Dataset)}`` with the subsets applied."""
+    from densenet.data import load_splits
+
+    splits = ("train", "val", "test") if config.val_split else ("train", "test")
+    data = load_splits(config.data_dir, config.dataset, splits, val_split=config.val_split, seed=config.seed)
+    data["train"] = seeded_subset(data["train"], config.subset, config.seed)
+    data["test"] = seeded_subset(data["test"], config.test_subset, 0)
+    return data
+
+
+# --- run directory ----------------------------------------------------------------------------
+
+
+def default_out_dir(model: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path("runs") / f"{model}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = Path("runs") / f"{model}-{stamp}-{n}"
+    return path
+
+
+def find_resume_checkpoint(resume: str | None, out_dir: str | None, model: str) -> Path | None:
+    """The checkpoint a ``--resume`` value points at, or None to start afresh.
+
+    ``auto``: ``out_dir/checkpoint-last.pt`` when ``out_dir`` is given; otherwise the newest
+    ``runs/<model>-*/checkpoint-last.pt`` of an unfinished run; None when there is none. A path:
+    a checkpoint file or a run directory, which must exist.
+    """
+    if not resume:
+        return None
+    if resume == "auto":
+        if out_dir:
+            candidate = Path(out_dir) / "checkpoint-last.pt"
+            return candidate if candidate.is_file() else None
+        candidates = sorted(Path("runs").glob(f"{model}-*/checkpoint-last.pt"), key=lambda p: p.stat().st_mtime)
+        for path in reversed(candidates):
+            try:
+                from densenet.weights import load_checkpoint
+
+                if not load_checkpoint(path).get("finished"):
+                    return path
+            except WeightsError:
+                continue
+        return None
+    path = Path(resume)
+    if path.is_dir():
+        path = path / "checkpoint-last.pt"
+    if not path.is_file():
+        raise ConfigError(f"--resume: no checkpoint at {path}")
+    return path
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+            text=True, timeout=5, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment(device: torch.device) -> dict:
+    from densenet import __version__
+
+    env = {
+        "densenet": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+        or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "git_commit": _git_commit(),
+    }
+    return env
+
+
+def _write_metrics(out_dir: Path, history: list[dict]) -> None:
+    from densenet.weights import atomic_write_text
+
+    lines = "".join(json.dumps(row) + "\n" for row in history)
+    atomic_write_text(out_dir / "metrics.jsonl", lines)
+    columns: list[str] = []
+    for row in history:
+        columns.extend(k for k in row if k not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    atomic_write_text(out_dir / "metrics.csv", buffer.getvalue())
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except (ImportError, OSError):
+        return float("nan")
+
+
+# --- signals ----------------------------------------------------------------------------------
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between steps; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+
+# --- the training loop ------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns."""
+
+    out_dir: str
+    weights_dir: str | None
+    epochs_completed: int
+    stop_reason: str  # "completed", "time budget", "SIGINT" or "SIGTERM"
+    best_acc: float | None
+    best_epoch: int | None
+    final_test_acc: float | None
+    wall_seconds: float
+    images_per_second: float
+    history: list[dict]
+
+    @property
+    def exit_code(self) -> int:
+        return {"SIGINT": 130, "SIGTERM": 143}.get(self.stop_reason, 0)
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    if "cpu" in state:
+        torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state.get("cuda"):
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(config: TrainConfig | dict | None = None, **overrides) -> TrainResult:
+    """Train a model; see :class:`TrainConfig` for the settings and the module docstring for the files.
+
+    Returns a :class:`TrainResult`. SIGINT/SIGTERM stop the run after the current step with a
+    checkpoint (``stop_reason`` names the signal); a loss that is not finite raises
+    :class:`TrainingError` and leaves the last good checkpoint in place.
+    """
+    config = make_config(config, **overrides)
+    validate(config)
+    return _Trainer(config).run()
+
+
+class _Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = config
+
+    # set-up ------------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        c = self.config
+        from densenet.evaluate import resolve_device
+
+        previous_deterministic = torch.are_deterministic_algorithms_enabled()
+        previous_threads = torch.get_num_threads()
+        self.device = resolve_device(c.device)
+        if c.threads:
+            torch.set_num_threads(c.threads)
+        if self.device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        else:
+            torch.backends.cudnn.benchmark = True
+        try:
+            return self._run()
+        finally:
+            torch.use_deterministic_algorithms(previous_deterministic)
+            torch.set_num_threads(previous_threads)
+
+    def _run(self) -> TrainResult:
+        c = self.config
+        from densenet.weights import load_checkpoint
+
+        checkpoint_path = find_resume_checkpoint(c.resume, c.out_dir, c.model)
+        checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
+        if checkpoint is not None:
+            self._check_resumable(checkpoint, checkpoint_path)
+            out_dir = Path(c.out_dir) if c.out_dir else checkpoint_path.parent
+        else:
+            out_dir = Path(c.out_dir) if c.out_dir else default_out_dir(c.model)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the run directory {out_dir}: {exc.strerror or exc}") from None
+        self.out_dir = out_dir
+        self.checkpoint_source = checkpoint_path
+
+        self.data = load_data(c)
+        train_set = self.data["train"]
+        num_classes = c.num_classes or train_set.num_classes
+        if num_classes != train_set.num_classes:
+            raise ConfigError(f"--num-classes {num_classes} but the data has {train_set.num_classes} classes")
+        self.steps_per_epoch = len(train_set) // c.batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"{len(train_set)} training images are fewer than one batch of {c.batch_size}")
+
+        self._build(num_classes)
+        self.history: list[dict] = []
+        self.best = {"acc": None, "epoch": None}
+        self.start_epoch, self.start_step, self.partial, self.global_step = 0, 0, None, 0
+        self.elapsed_before = 0.0
+        if checkpoint is not None:
+            self._restore(checkpoint)
+
+        self._write_config()
+        return self._loop()
+
+    def _check_resumable(self, checkpoint: dict, path: Path) -> None:
+        stored = checkpoint.get("config") or {}
+        for key in RESUME_FIXED:
+            if key in stored and stored[key] != getattr(self.config, key):
+                raise ConfigError(
+                    f"cannot resume {path}: it was trained with {key}={stored[key]!r}, this run asks for "
+                    f"{key}={getattr(self.config, key)!r}"
+                )
+
+    def _build(self, num_classes: int) -> None:
+        from densenet.augment import Augmenter
+        from densenet.models import create_model
+
+        c, device = self.config, self.device
+        torch.manual_seed(c.seed)
+        overrides = {}
+        if c.dropout:
+            overrides["drop_rate"] = c.dropout
+        if c.memory_efficient:
+            overrides["memory_efficient"] = True
+        model = create_model(c.model, num_classes=num_classes, **overrides)
+        memory_format = torch.channels_last if c.channels_last else torch.contiguous_format
+        self.model = model.to(device=device, memory_format=memory_format)
+        self.train_model = torch.compile(self.model) if c.compile else self.model
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
+            weight_decay=c.weight_decay,
+        )
+        spe = self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, spe, c))
+        self.scaler = torch.amp.GradScaler(device.type) if c.amp == "fp16" else None
+        self.ema = None
+        if c.ema:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(c.ema), use_buffers=True)
+        self.augmenter = Augmenter(
+            self.data["train"].mean, self.data["train"].std, crop_padding=c.crop_padding, flip=c.flip,
+            cutout=c.cutout, color_jitter=c.color_jitter, channels_last=c.channels_last,
+        )
+        # the data goes to the device once, as uint8
+        self.train_images = self.data["train"].images.to(device)
+        self.train_labels = self.data["train"].labels.to(device)
+        self.eval_sets = {
+            split: dataclasses.replace(ds, images=ds.images.to(device), labels=ds.labels.to(device))
+            for split, ds in self.data.items() if split != "train"
+        }
+
+    def _restore(self, checkpoint: dict) -> None:
+        try:
+            self.model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            if self.scaler is not None and checkpoint.get("scaler"):
+                self.scaler.load_state_dict(checkpoint["scaler"])
+            if self.ema is not None:
+                if not checkpoint.get("ema"):
+                    raise TrainingError("the checkpoint has no EMA weights; resume without --ema or start afresh")
+                self.ema.load_state_dict(checkpoint["ema"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise TrainingError(f"cannot resume from {self.checkpoint_source}: {exc}") from None
+        self.start_epoch = int(checkpoint["epoch"])
+        self.start_step = int(checkpoint.get("step_in_epoch", 0))
+        self.partial = checkpoint.get("partial")
+        self.global_step = int(checkpoint.get("global_step", 0))
+        self.history = list(checkpoint.get("history", []))
+        self.best = dict(checkpoint.get("best") or self.best)
+        self.elapsed_before = float(checkpoint.get("elapsed_seconds", 0.0))
+        _set_rng_state(checkpoint.get("rng", {}), self.device)
+        if self.start_step > self.steps_per_epoch:
+            raise TrainingError(f"{self.checkpoint_source} stopped at step {self.start_step}, beyond an epoch")
+
+    def _meta(self, epochs_done: int, finished: bool, final_acc=None, stop_reason="") -> dict:
+        from densenet.weights import make_meta
+
+        c, train_set = self.config, self.data["train"]
+        return make_meta(
+            self.model, classes=train_set.classes, mean=train_set.mean, std=train_set.std,
+            input_size=int(train_set.images.shape[-1]),
+            training={
+                "recipe": c.recipe, "dataset": c.dataset, "data": str(train_set.root),
+                "train_images": len(train_set), "val_split": c.val_split, "seed": c.seed,
+                "epochs": c.epochs, "epochs_completed": epochs_done, "finished": finished,
+                "stop_reason": stop_reason, "best_acc": self.best["acc"], "best_epoch": self.best["epoch"],
+                "final_test_acc": final_acc, "ema": c.ema, "date": datetime.now(timezone.utc).isoformat(),
+            },
+        )
+
+    def _write_config(self) -> None:
+        from densenet.weights import atomic_write_text
+
+        resolved = asdict(self.config)
+        resolved["out_dir"] = str(self.out_dir)
+        info = {
+            "config": resolved,
+            "resolved": {
+                "milestone_epochs": milestone_epochs(self.config), "warmup_epochs": warmup_epochs(self.config),
+                "steps_per_epoch": self.steps_per_epoch, "train_images": len(self.data["train"]),
+                "test_images": len(self.data["test"]), "classes": self.data["train"].classes,
+                "mean": self.data["train"].mean, "std": self.data["train"].std,
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+                "model_config": self.model.config,
+            },
+            "environment": environment(self.device),
+            "resumed_from": str(self.checkpoint_source) if self.checkpoint_source else None,
+            "started": datetime.now(timezone.utc).isoformat(),
+        }
+        atomic_write_text(self.out_dir / "config.json", json.dumps(info, indent=2) + "\n")
+
+    # checkpoints -------------------------------------------------------------------------------
+
+    def _checkpoint(self, epoch: int, step: int, partial, finished: bool) -> dict:
+        return {
+            "format": "densenet-checkpoint",
+            "format_version": 1,
+            "config": asdict(self.config),
+            "meta": self._meta(epoch, finished),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "ema": self.ema.state_dict() if self.ema is not None else {},
+            "epoch": epoch,
+            "step_in_epoch": step,
+            "global_step": self.global_step,
+            "partial": partial,
+            "history": self.history,
+            "best": self.best,
+            "rng": _rng_state(self.device),
+            "elapsed_seconds": self.elapsed_before + (time.monotonic() - self.t0),
+            "finished": finished,
+        }
+
+    def _save(self, name: str, checkpoint: dict) -> None:
+        from densenet.weights import save_checkpoint
+
+        save_checkpoint(self.out_dir / name, checkpoint)
+
+    # the loop ----------------------------------------------------------------------------------
+
+    def _eval_model(self):
+        return self.ema.module if self.ema is not None else self.model
+
+    def _evaluate(self, split: str) -> dict:
+        from densenet.evaluate import evaluate
+
+        c = self.config
+        return evaluate(
+            self._eval_model(), self.eval_sets[split], batch_size=c.eval_batch_size or max(c.batch_size, 500),
+            tta=c.tta, device=self.device, mean=self.augmenter.mean, std=self.augmenter.std, amp=c.amp,
+            channels_last=c.channels_last,
+        )
+
+    def _progress_mode(self) -> str:
+        mode = self.config.progress
+        if mode == "auto":
+            return "bar" if sys.stderr.isatty() else "lines"
+        return mode
+
+    def _loop(self) -> TrainResult:
+        c = self.config
+        self.t0 = time.monotonic()
+        budget = c.max_minutes * 60 if c.max_minutes else None
+        stop_after = int(os.environ.get(SIGTERM_AFTER_STEP_ENV, "0") or 0)
+        stop_reason = "completed"
+        train_seconds = 0.0
+        trained_images = 0
+        mid_epoch = False
+        epoch = self.start_epoch
+
+        with StopRequest() as stop:
+            if self.start_epoch < c.epochs:
+                where = f" from epoch {epoch + 1}, step {self.start_step}" if self.checkpoint_source else ""
+                self._say(f"training {c.model} on {len(self.data['train'])} images for {c.epochs} epochs on "
+                          f"{self.device}{where}; run directory {self.out_dir}")
+            while epoch < c.epochs:
+                start_step = self.start_step if epoch == self.start_epoch else 0
+                partial = self.partial if (epoch == self.start_epoch and start_step) else None
+                outcome = self._train_epoch(epoch, start_step, partial, stop, stop_after, budget)
+                train_seconds += outcome["seconds_this_run"]
+                trained_images += outcome["images_this_run"]
+                if outcome["stopped"]:
+                    stop_reason, mid_epoch = outcome["stopped"], True
+                    checkpoint = self._checkpoint(epoch, outcome["step"], outcome["partial"], False)
+                    self._save("checkpoint-last.pt", checkpoint)
+                    self._say(f"stopped ({stop_reason}) in epoch {epoch + 1} after step {outcome['step']}/"
+                              f"{self.steps_per_epoch}; saved {self.out_dir / 'checkpoint-last.pt'}")
+                    break
+                self._end_epoch(epoch, outcome)
+                epoch += 1
+                if stop.signum is not None:
+                    stop_reason = stop.name
+                    break
+                if budget is not None and time.monotonic() - self.t0 > budget and epoch < c.epochs:
+                    stop_reason = "time budget"
+                    break
+            final_acc = None
+            if stop_reason in ("completed", "time budget"):
+                final_acc = self._finish(epoch, stop_reason, mid_epoch)
+            else:
+                self._say(f"continue with: densenet train --resume {self.out_dir}")
+
+        wall = self.elapsed_before + time.monotonic() - self.t0
+        ips = trained_images / train_seconds if train_seconds else 0.0
+        best = "-" if self.best["acc"] is None else f"{100 * self.best['acc']:.2f}% (epoch {self.best['epoch']})"
+        final = "-" if final_acc is None else f"{100 * final_acc:.2f}%"
+        self._say(f"done ({stop_reason}): best {best}, final test accuracy {final}, "
+                  f"wall time {wall:.0f} s, {ips:.0f} training images/s")
+        exported = c.weights_dir if (c.weights_dir and stop_reason in ("completed", "time budget")) else None
+        return TrainResult(
+            out_dir=str(self.out_dir), weights_dir=str(exported) if exported else None,
+            epochs_completed=epoch, stop_reason=stop_reason, best_acc=self.best["acc"],
+            best_epoch=self.best["epoch"], final_test_acc=final_acc, wall_seconds=wall,
+            images_per_second=ips, history=self.history,
+        )
+
+    def _say(self, text: str) -> None:
+        if self.config.progress != "none":
+            print(text, flush=True)
+
+    def _train_epoch(self, epoch, start_step, partial, stop, stop_after, budget) -> dict:
+        from densenet.augment import epoch_batches
+        from densenet.evaluate import autocast
+
+        c, device = self.config, self.device
+        batches = epoch_batches(len(self.train_labels), c.batch_size, epoch=epoch, seed=c.seed)
+        partial = partial or {}
+        loss_sum = torch.tensor(float(partial.get("loss_sum", 0.0)), dtype=torch.float64, device=device)
+        correct = torch.tensor(int(partial.get("correct", 0)), dtype=torch.long, device=device)
+        seen = int(partial.get("seen", 0))
+        seconds_before = float(partial.get("seconds", 0.0))
+        check_every = 1 if device.type == "cpu" else 25
+        self.train_model.train()
+        bar = None
+        if self._progress_mode() == "bar":
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(batches), initial=start_step, desc=f"epoch {epoch + 1}/{c.epochs}",
+                       unit="batch", leave=True, dynamic_ncols=True)
+        t_start = time.monotonic()
+        images_this_run = 0
+        stopped = ""
+        step = start_step
+        try:
+            for step in range(start_step, len(batches)):
+                idx = batches[step].to(device, non_blocking=True)
+                generator = torch.Generator(device=device)
+                generator.manual_seed(batch_seed(c.seed, epoch, step))
+                x = self.augmenter(self.train_images[idx], generator=generator, train=True)
+                y = self.train_labels[idx]
+                with autocast(device, c.amp):
+                    logits = self.train_model(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=c.label_smoothing)
+                if (step + 1) % check_every == 0 or step + 1 == len(batches):
+                    self._check_finite(loss, epoch, step)
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    loss.backward()
+                    self.optimizer.step()
+                self.scheduler.step()
+                if self.ema is not None:
+                    self.ema.update_parameters(self.model)
+                self.global_step += 1
+                loss_sum += loss.detach().double() * len(idx)
+                correct += (logits.detach().argmax(dim=1) == y).sum()
+                seen += len(idx)
+                images_this_run += len(idx)
+                if bar is not None:
+                    bar.update(1)
+                    if (step + 1) % 10 == 0 or step + 1 == len(batches):
+                        elapsed = time.monotonic() - t_start
+                        bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{int(correct) / seen:.3f}",
+                                        lr=f"{self.optimizer.param_groups[0]['lr']:.3g}",
+                                        img_s=f"{images_this_run / max(elapsed, 1e-9):.0f}", refresh=False)
+                if stop_after and self.global_step == stop_after:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                done = step + 1
+                if stop.signum is not None and done < len(batches):
+                    stopped = stop.name
+                    break
+                if budget is not None and time.monotonic() - self.t0 > budget and done < len(batches):
+                    stopped = "time budget"
+                    break
+            else:
+                done = len(batches)
+        finally:
+            if bar is not None:
+                bar.close()
+        if seen:
+            self._check_finite(loss_sum, epoch, done - 1)
+        seconds = time.monotonic() - t_start
+        partial = {"loss_sum": float(loss_sum), "correct": int(correct), "seen": seen,
+                   "seconds": seconds_before + seconds}
+        return {"stopped": stopped, "step": done, "partial": partial, "seconds_this_run": seconds,
+                "images_this_run": images_this_run}
+
+    def _check_finite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+        if not bool(torch.isfinite(loss)):
+            last = self.out_dir / "checkpoint-last.pt"
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+            raise TrainingError(
+                f"the loss became {float(loss)} at epoch {epoch + 1}, step {step + 1} "
+                f"(lr {self.optimizer.param_groups[0]['lr']:.3g}); training stopped, {kept}. "
+                f"Lower --lr or add --warmup-epochs"
+            )
+
+    def _end_epoch(self, epoch: int, outcome: dict) -> dict:
+        c = self.config
+        from densenet.plots import plot_curves
+
+        partial = outcome["partial"]
+        seen = max(partial["seen"], 1)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": partial["loss_sum"] / seen,
+            "train_acc": partial["correct"] / seen,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_seconds": partial["seconds"],
+            "images_per_second": partial["seen"] / partial["seconds"] if partial["seconds"] else None,
+        }
+        evaluate_now = (epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs
+        t_eval = time.monotonic()
+        for split in ("val", "test"):
+            row[f"{split}_loss"] = row[f"{split}_acc"] = None
+            if evaluate_now and split in self.eval_sets:
+                result = self._evaluate(split)
+                row[f"{split}_loss"], row[f"{split}_acc"] = result["loss"], result["top1"]
+        row["eval_seconds"] = time.monotonic() - t_eval
+        row["peak_memory_mb"] = _peak_memory_mb(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        row["elapsed_seconds"] = self.elapsed_before + time.monotonic() - self.t0
+        self.history.append(row)
+
+        select = row["val_acc"] if "val" in self.eval_sets else row["test_acc"]
+        improved = select is not None and (self.best["acc"] is None or select > self.best["acc"])
+        if improved:
+            self.best = {"acc": select, "epoch": epoch + 1}
+        checkpoint = self._checkpoint(epoch + 1, 0, None, finished=epoch + 1 >= c.epochs)
+        self._save("checkpoint-last.pt", checkpoint)
+        if improved:
+            self._save("checkpoint-best.pt", checkpoint)
+        _write_metrics(self.out_dir, self.history)
+        plot_curves(self.history, self.out_dir / "curves.png", title=f"{c.model} ({c.dataset})")
+        self._report_epoch(row)
+        return row
+
+    def _report_epoch(self, row: dict) -> None:
+        if self._progress_mode() == "none":
+            return
+
+        def pct(v):
+            return "-" if v is None else f"{100 * v:.2f}%"
+
+        parts = [f"epoch {row['epoch']}/{self.config.epochs}", f"loss {row['train_loss']:.4f}",
+                 f"train {pct(row['train_acc'])}"]
+        if row.get("val_acc") is not None:
+            parts.append(f"val {pct(row['val_acc'])}")
+        if row.get("test_acc") is not None:
+            parts.append(f"test {pct(row['test_acc'])}")
+        ips = row["images_per_second"]
+        parts += [f"lr {row['lr']:.3g}", f"{row['train_seconds']:.0f}+{row['eval_seconds']:.0f} s",
+                  f"{ips:.0f} img/s" if ips else ""]
+        self._say("  ".join(p for p in parts if p))
+
+    def _finish(self, epochs_done: int, stop_reason: str, mid_epoch: bool) -> float:
+        """Write the final weights (run directory and weights directory); return their test accuracy."""
+        from densenet.weights import save_model
+
+        c = self.config
+        last = self.history[-1] if self.history else None
+        if mid_epoch or last is None or last.get("test_acc") is None:
+            final_acc = self._evaluate("test")["top1"]
+        else:
+            final_acc = last["test_acc"]
+        finished = stop_reason == "completed"
+        meta = self._meta(epochs_done, finished, final_acc, stop_reason)
+        meta["training"]["test_acc_per_epoch"] = [row.get("test_acc") for row in self.history]
+        meta["training"]["wall_seconds"] = self.elapsed_before + time.monotonic() - self.t0
+        model = self._eval_model()
+        save_model(self.out_dir, model, meta)
+        if c.weights_dir:
+            try:
+                save_model(c.weights_dir, model, meta)
+            except OSError as exc:
+                raise ConfigError(f"cannot write the weights to {c.weights_dir}: {exc.strerror or exc}") from None
+            self._say(f"weights: {Path(c.weights_dir) / 'model.safetensors'} and model.json")
+        return final_acc
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    B = __import__("argparse").BooleanOptionalAction
+    g = parser.add_argument_group("model and data")
+    g.add_argument("--recipe", default=None, help="named preset (see --list-recipes); flags override it")
+    g.add_argument("--list-recipes", action="store_true", help="show the recipes and what they set, then exit")
+    g.add_argument("--model", default=None, help="model name (default densenet121-cifar; see densenet analyze --list)")
+    g.add_argument("--dataset", default=None, choices=("cifar10", "cifar100"))
+    g.add_argument("--data-dir", default=None, help="dataset directory (default: $DENSENET_DATA, else ./data)")
+    g.add_argument("--num-classes", type=int, default=None, help="default: the number of classes in the data")
+    g.add_argument("--val-split", type=int, default=None, help="hold out N training images for validation")
+    g.add_argument("--subset", type=int, default=None, help="train on N training images (seeded draw)")
+    g.add_argument("--test-subset", type=int, default=None, help="evaluate on N test images")
+    g.add_argument("--dropout", type=float, default=None, help="dropout after each dense layer's conv")
+    g.add_argument("--memory-efficient", action=B, default=None, help="checkpoint the concatenations")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=None, help="default 200")
+    g.add_argument("--batch-size", type=int, default=None, help="default 64")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.01)")
+    g.add_argument("--momentum", type=float, default=None, help="default 0.9")
+    g.add_argument("--nesterov", action=B, default=None)
+    g.add_argument("--weight-decay", type=float, default=None, help="default 1e-4")
+    g.add_argument("--schedule", default=None, choices=SCHEDULES, help="default step")
+    g.add_argument("--milestones", default=None, help="step epochs, e.g. 50,75, or fractions, e.g. 0.5,0.75")
+    g.add_argument("--gamma", type=float, default=None, help="factor at each milestone (default 0.1)")
+    g.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up (default 0; onecycle 30%%)")
+    g.add_argument("--label-smoothing", type=float, default=None)
+    g.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep and evaluate an EMA of the weights")
+
+    g = parser.add_argument_group("augmentation and evaluation")
+    g.add_argument("--crop-padding", type=int, default=None, help="random crop of the padded image (default 4)")
+    g.add_argument("--no-flip", dest="flip", action="store_const", const=False, default=None)
+    g.add_argument("--cutout", type=int, default=None, help="cutout square size (default 0: off)")
+    g.add_argument("--color-jitter", type=float, default=None, help="brightness/contrast/saturation strength")
+    g.add_argument("--tta", action=B, default=None, help="flip test-time augmentation in evaluation")
+    g.add_argument("--eval-every", type=int, default=None, help="evaluate every N epochs (and at the end)")
+    g.add_argument("--eval-batch-size", type=int, default=None)
+
+    g = parser.add_argument_group("hardware")
+    g.add_argument("--device", default=None, help="auto (CUDA when present), cpu or cuda")
+    g.add_argument("--amp", default=None, choices=AMPS, help="autocast precision (default none)")
+    g.add_argument("--channels-last", action=B, default=None, help="NHWC memory format (default on)")
+    g.add_argument("--compile", action=B, default=None, help="torch.compile the model")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    g.add_argument("--seed", type=int, default=None, help="default 0")
+
+    g = parser.add_argument_group("run")
+    g.add_argument("--out-dir", default=None, help="run directory (default runs/<model>-<timestamp>)")
+    g.add_argument("--weights-dir", default=None, help="where the final weights go (default densenet121_weights)")
+    g.add_argument("--resume", default=None, metavar="PATH|auto",
+                   help="continue from a checkpoint or run directory; auto: from --out-dir (or the newest "
+                        "unfinished runs/<model>-*) if there is a checkpoint, else start afresh")
+    g.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this much wall time")
+    g.add_argument("--progress", default=None, choices=PROGRESS, help="auto: a bar on a terminal, else lines")
+
+
+def format_recipes() -> str:
+    defaults = asdict(TrainConfig())
+    lines = []
+    for name, recipe in RECIPES.items():
+        lines.append(f"{name}: {recipe['description']}")
+        for key, value in recipe["settings"].items():
+            mark = "" if defaults.get(key) != value else "  (default)"
+            lines.append(f"    --{key.replace('_', '-')} {value}{mark}")
+    return "\n".join(lines)
+
+
+def explicit_settings(args) -> dict:
+    """The settings given on the command line (argparse leaves the others None)."""
+    values = {}
+    for name in config_fields():
+        if name in ("recipe",):
+            continue
+        value = getattr(args, name, None)
+        if value is not None:
+            values[name] = parse_milestones(value) if name == "milestones" else value
+    return values
+
+
+def config_from_args(args) -> TrainConfig:
+    """Built-in defaults, then the recipe, then explicit flags; on resume the checkpoint's settings first."""
+    from densenet.weights import load_checkpoint
+
+    given = explicit_settings(args)
+    model = given.get("model") or (recipe_settings(args.recipe)["model"] if args.recipe else TrainConfig.model)
+    path = find_resume_checkpoint(given.get("resume"), given.get("out_dir"), model)
+    if path is None:
+        values = recipe_settings(args.recipe) if args.recipe else {}
+        values.update(given)
+        if given.get("resume") == "auto":
+            values["resume"] = None
+        return TrainConfig(**values)
+    stored = load_checkpoint(path).get("config")
+    if not isinstance(stored, dict):
+        raise WeightsError(f"{path} holds no training configuration")
+    if args.recipe and stored.get("recipe") != args.recipe:
+        raise ConfigError(f"{path} was trained with recipe {stored.get('recipe')!r}, not {args.recipe!r}")
+    values = {k: v for k, v in stored.items() if k in config_fields()}
+    values.update(given)
+    values["resume"] = str(path)
+    values["out_dir"] = given.get("out_dir", str(path.parent))
+    return TrainConfig(**values)
+
+
+def run(args) -> int:
+    if args.list_recipes:
+        print(format_recipes())
+        return 0
+    config = config_from_args(args)
+    validate(config)
+    result = _Trainer(config).run()
+    return result.exit_code

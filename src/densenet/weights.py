@@ -1,0 +1,317 @@
+"""Weights on disk: safetensors files with a ``model.json`` beside them, and training checkpoints.
+
+A weights directory holds ``model.safetensors`` (the state dict, contiguous tensors) and
+``model.json``::
+
+    {"format": "densenet-weights", "format_version": 1, "config": model.config,
+     "classes": [...], "mean": [...], "std": [...], "input_size": 32, "training": {...},
+     "sha256": "<hash of model.safetensors>"}
+
+The same JSON is also stored in the safetensors header (key ``densenet``), so a lone
+``model.safetensors`` file is enough to rebuild the model.
+
+Checkpoints (``checkpoint-*.pt``) are written by ``densenet train``; they contain only tensors,
+dicts, lists, numbers and strings so that they load with ``torch.load(weights_only=True)``. Nothing
+here ever unpickles arbitrary objects. Every file is written atomically: a temporary file in the
+same directory, flushed and synced, then renamed over the target, so a crash while saving leaves
+the previous file intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from densenet.errors import ConfigError, WeightsError
+
+FORMAT = "densenet-weights"
+FORMAT_VERSION = 1
+CHECKPOINT_FORMAT = "densenet-checkpoint"
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "model.json"
+CHECKPOINT_NAMES = ("checkpoint-best.pt", "checkpoint-last.pt")
+
+
+# --- atomic files -----------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers see either the old or the new file, never half."""
+    return _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` through a synced temporary file and ``os.replace``."""
+    return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _atomic_write(path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --- weights directories ----------------------------------------------------------------------
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain DenseNet inside a ``torch.compile`` wrapper or an ``AveragedModel``."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.optim.swa_utils.AveragedModel):
+            model = model.module
+        else:
+            return model
+
+
+def plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as contiguous CPU tensors (channels_last weights become NCHW)."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in unwrap_model(model).state_dict().items()}
+
+
+def make_meta(model, *, classes, mean, std, input_size=32, training=None) -> dict:
+    """The ``model.json`` dictionary for ``model``."""
+    config = getattr(unwrap_model(model), "config", None)
+    if not isinstance(config, dict):
+        raise WeightsError("the model has no .config dictionary; only DenseNet models can be saved")
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": config,
+        "classes": list(classes),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "input_size": int(input_size),
+        "training": dict(training or {}),
+    }
+
+
+def save_model(directory: str | os.PathLike, model: torch.nn.Module, meta: dict) -> Path:
+    """Write ``model.safetensors`` and ``model.json`` into ``directory`` (created if needed).
+
+    ``meta`` needs ``classes``, ``mean``, ``std``; ``config``, ``format`` and ``format_version``
+    are filled in from the model. Each file is replaced atomically, the weights first; the JSON
+    records the weights' SHA-256 so that a mismatched pair is detected on loading.
+    """
+    from safetensors.torch import save as st_save
+
+    missing = [k for k in ("classes", "mean", "std") if k not in meta]
+    if missing:
+        raise WeightsError(f"cannot save weights: meta lacks {', '.join(missing)}")
+    full = make_meta(
+        model,
+        classes=meta["classes"],
+        mean=meta["mean"],
+        std=meta["std"],
+        input_size=meta.get("input_size", 32),
+        training=meta.get("training"),
+    )
+    for key, value in meta.items():
+        full.setdefault(key, value)
+    directory = Path(directory)
+    header = json.dumps({k: v for k, v in full.items() if k != "sha256"})
+    data = st_save(plain_state_dict(model), metadata={"densenet": header})
+    full["sha256"] = hashlib.sha256(data).hexdigest()
+    atomic_write_bytes(directory / WEIGHTS_FILE, data)
+    atomic_write_text(directory / META_FILE, json.dumps(full, indent=2) + "\n")
+    return directory
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Load a model for inference: ``(model in eval mode, meta dict)``.
+
+    ``path`` is a weights directory, a ``.safetensors`` file, a training checkpoint (``.pt``) or a
+    run directory (its final weights, else ``checkpoint-best.pt``, else ``checkpoint-last.pt``).
+    The meta dict is also attached to the model as ``model.meta``. Problems raise
+    :class:`WeightsError`.
+    """
+    state, meta = load_state_and_meta(path)
+    model = build_model(meta, state, source=path)
+    model = model.to(device).eval()
+    model.meta = meta
+    return model, meta
+
+
+def build_model(meta: dict, state: dict, source) -> torch.nn.Module:
+    """A DenseNet built from ``meta["config"]`` with ``state`` loaded (via the models module)."""
+    from densenet.models import load_state_dict_compat, model_from_config
+
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise WeightsError(f"{source}: the metadata has no model config")
+    try:
+        model = model_from_config(config)
+    except (ConfigError, WeightsError) as exc:
+        raise WeightsError(f"{source}: cannot build the model it describes: {exc}") from None
+    except (TypeError, ValueError, KeyError) as exc:
+        raise WeightsError(f"{source}: invalid model config ({exc})") from None
+    try:
+        load_state_dict_compat(model, state)
+    except WeightsError as exc:
+        raise WeightsError(f"{source}: weights do not fit the architecture {config.get('name', '')}: {exc}") from None
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise WeightsError(f"{source}: weights do not fit the architecture: {first}") from None
+    return model
+
+
+def load_state_and_meta(path: str | os.PathLike) -> tuple[dict, dict]:
+    """The state dict and meta dict stored at ``path`` (any of the layouts ``load_model`` takes)."""
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"weights not found: {path}")
+    if path.is_dir():
+        if (path / WEIGHTS_FILE).is_file():
+            return _read_safetensors(path / WEIGHTS_FILE)
+        for name in CHECKPOINT_NAMES:
+            if (path / name).is_file():
+                return state_and_meta_from_checkpoint(load_checkpoint(path / name), path / name)
+        raise WeightsError(
+            f"{path} holds no {WEIGHTS_FILE} and no checkpoint-best.pt/checkpoint-last.pt"
+        )
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    if path.suffix == ".json" and (path.parent / WEIGHTS_FILE).is_file():
+        return _read_safetensors(path.parent / WEIGHTS_FILE)
+    return state_and_meta_from_checkpoint(load_checkpoint(path), path)
+
+
+def _read_safetensors(file: Path) -> tuple[dict, dict]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise WeightsError(f"cannot read {file}: {exc.strerror or exc}") from None
+    try:
+        state = st_load(data)
+        embedded = _embedded_meta(data)
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise WeightsError(f"{file} is not a valid safetensors file ({exc})") from None
+    meta = None
+    json_file = file.parent / META_FILE
+    if json_file.is_file():
+        try:
+            meta = json.loads(json_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise WeightsError(f"{json_file} is not valid JSON ({exc})") from None
+        if not isinstance(meta, dict):
+            raise WeightsError(f"{json_file} does not hold a JSON object")
+        digest = meta.get("sha256")
+        if digest and digest != hashlib.sha256(data).hexdigest():
+            raise WeightsError(
+                f"{file} does not match {json_file} (SHA-256 differs): the pair was not written together"
+            )
+    elif embedded is not None:
+        meta = embedded
+    if meta is None:
+        raise WeightsError(f"{file} has no {META_FILE} beside it and no embedded model description")
+    _check_meta(meta, json_file if json_file.is_file() else file)
+    return state, meta
+
+
+def _embedded_meta(data: bytes) -> dict | None:
+    """The ``densenet`` JSON stored in a safetensors header (None when absent)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    text = (header.get("__metadata__") or {}).get("densenet")
+    return json.loads(text) if text else None
+
+
+def _check_meta(meta: dict, source) -> None:
+    if meta.get("format") != FORMAT:
+        raise WeightsError(f"{source}: not a densenet weights description (format {meta.get('format')!r})")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise WeightsError(
+            f"{source}: format version {meta.get('format_version')} is newer than this package reads "
+            f"({FORMAT_VERSION}); upgrade densenet"
+        )
+    for key in ("config", "classes", "mean", "std"):
+        if key not in meta:
+            raise WeightsError(f"{source}: the description lacks {key!r}")
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> Path:
+    """Write a training checkpoint atomically (see the module docstring)."""
+    return atomic_torch_save(checkpoint, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint with ``torch.load(weights_only=True)`` onto the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise WeightsError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"{path} is not a readable checkpoint ({first})") from None
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path} does not hold a checkpoint dictionary")
+    return obj
+
+
+def state_and_meta_from_checkpoint(checkpoint: dict, source) -> tuple[dict, dict]:
+    """The weights to evaluate from a checkpoint: the EMA model's when it has one."""
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise WeightsError(
+            f"{source} is not a densenet training checkpoint; plain state dicts need a {META_FILE} "
+            "(save them with densenet.save_model)"
+        )
+    meta = checkpoint.get("meta")
+    if not isinstance(meta, dict):
+        raise WeightsError(f"{source}: the checkpoint has no model description")
+    _check_meta(meta, source)
+    ema = checkpoint.get("ema")
+    if isinstance(ema, dict) and ema:
+        state = {k[len("module.") :]: v for k, v in ema.items() if k.startswith("module.")}
+    else:
+        state = checkpoint.get("model")
+    if not isinstance(state, dict) or not state:
+        raise WeightsError(f"{source}: the checkpoint holds no model weights")
+    return state, meta
