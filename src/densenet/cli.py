@@ -16,6 +16,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "analyze": ("densenet.analysis", "parameters, shapes, MACs/FLOPs and connections of a model"),
     "download": ("densenet.download", "fetch CIFAR-10/100 (python version), verify its md5 and extract it safely"),
     "export": ("densenet.export", "export trained weights to ONNX and check them against PyTorch in ONNX Runtime"),
+    "train": ("densenet.train", "train a DenseNet (recipes, resumable checkpoints, CPU or CUDA)"),
+    "evaluate": ("densenet.evaluate", "loss, top-1/top-5, per-class accuracy and confusion matrix of trained weights"),
+    "predict": ("densenet.predict", "top-k classes of image files with trained weights"),
 }
 
 
