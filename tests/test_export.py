@@ -239,8 +239,97 @@ def test_check_images_use_real_test_data_when_present():
     assert described.startswith("20 CIFAR-10 test images from")
 
 
-def test_onnx_model_is_a_parameter_free_module(exported):
+def test_onnx_model_is_a_module_without_weights(exported):
     runner, _ = load_onnx_model(exported[0])
     assert isinstance(runner, OnnxModel) and not runner.training
-    assert list(runner.parameters()) == []
+    assert [p.numel() for p in runner.parameters()] == [0]
+    assert next(runner.parameters()).device == torch.device("cpu")
     assert "batch=dynamic" in repr(runner)
+
+
+# --- evaluate and predict through ONNX Runtime -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """A tiny CIFAR-like image folder with the model's 10 classes (2 train and 3 test images each)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("folder")
+    generator = torch.Generator().manual_seed(5)
+    for split, n in (("train", 2), ("test", 3)):
+        for name in CLASSES:
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=generator)
+                Image.fromarray(pixels.numpy()).save(root / split / name / f"{i:04d}.png")
+    return root
+
+
+def run_json(capsys, argv: list[str]):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, json.loads(captured.out), captured.err
+
+
+def test_evaluate_api_onnx_equals_pytorch(exported, weights_dir, image_folder, monkeypatch, tmp_path):
+    from densenet.data import load_dataset
+    from densenet.evaluate import evaluate
+
+    monkeypatch.setenv("DENSENET_CACHE", str(tmp_path / "cache"))
+    dataset = load_dataset(image_folder, split="test")
+    torch_model, _ = load_model(weights_dir)
+    onnx_model, _ = load_model(exported[0])
+    assert isinstance(onnx_model, OnnxModel)
+    for tta in (False, True):
+        a = evaluate(torch_model, dataset, batch_size=7, tta=tta)
+        b = evaluate(onnx_model, dataset, batch_size=7, tta=tta)
+        assert b["confusion"] == a["confusion"] and b["top1"] == a["top1"] and b["top5"] == a["top5"]
+        assert b["per_class"] == a["per_class"]
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+
+
+def test_cli_evaluate_and_predict_with_onnx_match_pytorch(exported, exported_static, weights_dir, image_folder,
+                                                          monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("DENSENET_CACHE", str(tmp_path / "cache"))
+    common = ["--data-dir", str(image_folder), "--device", "cpu", "--json"]
+    code, ref, _ = run_json(capsys, ["evaluate", "--weights", str(weights_dir), *common, "--out", str(tmp_path / "a")])
+    assert code == 0
+    for onnx_file in (exported[0], exported_static[0]):
+        code, got, _ = run_json(capsys, ["evaluate", "--weights", str(onnx_file), *common, "--out", str(tmp_path / "b")])
+        assert code == 0 and got.keys() == ref.keys()
+        for key in ref.keys() - {"weights", "files", "loss"}:
+            assert got[key] == ref[key], key
+        assert got["loss"] == pytest.approx(ref["loss"], abs=1e-5)
+        assert got["weights"] == str(onnx_file)
+
+    images = [str(image_folder / "test" / name / "0000.png") for name in CLASSES[:4]]
+    code, ref, _ = run_json(capsys, ["predict", "--weights", str(weights_dir), *images, "--topk", "3", "--json"])
+    assert code == 0 and len(ref) == 4
+    for onnx_file in (exported[0], exported_static[0]):
+        code, got, _ = run_json(capsys, ["predict", "--weights", str(onnx_file), *images, "--topk", "3", "--json"])
+        assert code == 0 and len(got) == len(ref)
+        for r, g in zip(ref, got):
+            assert g["source"] == r["source"]
+            assert [t["class"] for t in g["top"]] == [t["class"] for t in r["top"]]
+            assert [t["index"] for t in g["top"]] == [t["index"] for t in r["top"]]
+            for tr, tg in zip(r["top"], g["top"]):
+                assert tg["probability"] == pytest.approx(tr["probability"], abs=1e-5)
+    # the printed form is the same too
+    assert main(["predict", "--weights", str(weights_dir), *images]) == 0
+    text_ref = capsys.readouterr().out
+    assert main(["predict", "--weights", str(exported[0]), *images]) == 0
+    assert capsys.readouterr().out == text_ref
+
+
+def test_cli_corrupt_onnx_weights_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"\x08\x07garbage" * 50)
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(image)
+    for argv in (["predict", "--weights", str(bad), str(image)], ["evaluate", "--weights", str(bad)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{bad} is not a usable ONNX model" in err

@@ -155,7 +155,7 @@ def align_classes(dataset, classes: list[str]):
 def add_arguments(parser) -> None:
     parser.add_argument(
         "--weights", "--weights-dir", dest="weights", required=True, metavar="PATH",
-        help="weights directory, model.safetensors, checkpoint (.pt) or run directory",
+        help="weights directory, model.safetensors, checkpoint (.pt), run directory, or .onnx (ONNX Runtime)",
     )
     parser.add_argument("--data-dir", default=None, help="dataset directory (default: $DENSENET_DATA, else ./data)")
     parser.add_argument("--split", choices=("test", "val"), default="test",

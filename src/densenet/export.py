@@ -62,11 +62,11 @@ def exporter_for(opset: int) -> str:
 
 
 def export_to_proto(model: torch.nn.Module, input_size: int, *, opset: int = DEFAULT_OPSET,
-                    dynamic_batch: bool = False):
+                    dynamic_batch: bool = False, batch_size: int = 1):
     """Trace ``model`` (eval mode, CPU, float32) into an ``onnx.ModelProto``.
 
     The graph has one input ``input`` [N, 3, S, S] and one output ``logits`` [N, classes]; N is
-    symbolic with ``dynamic_batch``, else fixed at 1.
+    symbolic with ``dynamic_batch``, else fixed at ``batch_size``.
     """
     onnx = require("onnx", "ONNX export")
     exporter = exporter_for(opset)
@@ -75,7 +75,7 @@ def export_to_proto(model: torch.nn.Module, input_size: int, *, opset: int = DEF
     if hasattr(model, "set_memory_efficient"):
         model.set_memory_efficient(False)
     model = model.to("cpu", torch.float32).eval()
-    example = torch.zeros(2 if dynamic_batch else 1, 3, input_size, input_size)
+    example = torch.zeros(2 if dynamic_batch else batch_size, 3, input_size, input_size)
     names = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME]}
     with _quiet(), torch.no_grad():
         if exporter == "dynamo":

@@ -121,7 +121,9 @@ class OnnxModel(torch.nn.Module):
     Calling it with a float tensor ``(N, 3, H, W)`` (already normalised, any memory format or
     float dtype) returns float32 logits ``(N, classes)`` on the input's device. A graph exported
     with a fixed batch size is run chunk by chunk (the last chunk zero-padded), so any N works.
-    It has no parameters; ``.eval()``, ``.to()`` and ``torch.inference_mode`` are harmless.
+    Its only parameter is an empty tensor that marks the device (code that asks
+    ``next(model.parameters()).device`` gets the CPU); ``.eval()``, ``.to()`` and
+    ``torch.inference_mode`` are harmless.
     """
 
     def __init__(self, session, meta: dict, source: str = "") -> None:
@@ -135,6 +137,7 @@ class OnnxModel(torch.nn.Module):
         self.output_name = session.get_outputs()[0].name
         self.input_shape = list(inp.shape)
         self.batch_size = inp.shape[0] if isinstance(inp.shape[0], int) else None
+        self.device_marker = torch.nn.Parameter(torch.empty(0), requires_grad=False)
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,13 +169,21 @@ class OnnxModel(torch.nn.Module):
         return f"source={self.source!r}, batch={batch}, providers={self.session.get_providers()}"
 
 
-def make_session(model: str | os.PathLike | bytes, *, threads: int | None = None, source=None):
-    """An ONNX Runtime CPU inference session for a file or serialised graph; errors become WeightsError."""
+def make_session(model: str | os.PathLike | bytes, *, threads: int | None = None, spinning: bool = True,
+                 source=None):
+    """An ONNX Runtime CPU inference session for a file or serialised graph; errors become WeightsError.
+
+    ``threads`` sets the intra-op threads (default: one per physical core). With ``spinning=False``
+    idle worker threads sleep instead of busy-waiting for the next run, which matters when PyTorch
+    computes in the same process between runs (their threads would otherwise compete).
+    """
     ort = require("onnxruntime", "running an .onnx model")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only
     if threads:
         options.intra_op_num_threads = int(threads)
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = source if source is not None else model
     try:
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,

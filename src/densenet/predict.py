@@ -154,7 +154,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 def add_arguments(parser) -> None:
     parser.add_argument(
         "--weights", "--weights-dir", dest="weights", required=True, metavar="PATH",
-        help="weights directory, model.safetensors, checkpoint (.pt) or run directory",
+        help="weights directory, model.safetensors, checkpoint (.pt), run directory, or .onnx (ONNX Runtime)",
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
                         help="image files (any common format, size, mode) or directories of them")

@@ -159,9 +159,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
 
     ``path`` is a weights directory, a ``.safetensors`` file, a training checkpoint (``.pt``) or a
     run directory (its final weights, else ``checkpoint-best.pt``, else ``checkpoint-last.pt``).
-    The meta dict is also attached to the model as ``model.meta``. Problems raise
-    :class:`WeightsError`.
+    A ``.onnx`` file from ``densenet export`` gives a :class:`densenet.onnx_runtime.OnnxModel`
+    that runs in ONNX Runtime (the ``onnx`` extra). The meta dict is also attached to the model as
+    ``model.meta``. Problems raise :class:`WeightsError`.
     """
+    if Path(path).suffix == ".onnx":
+        from densenet.onnx_runtime import load_onnx_model
+
+        return load_onnx_model(path, device)
     state, meta = load_state_and_meta(path)
     model = build_model(meta, state, source=path)
     model = model.to(device).eval()
