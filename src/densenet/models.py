@@ -573,3 +573,6 @@ def load_state_dict_compat(model: nn.Module, state_dict: Mapping[str, Any]) -> n
         raise WeightsError(f"weights do not fit the model: {problems[0]}{more}")
     model.load_state_dict(converted, strict=True)
     return model
+
+
+import densenet.resnet  # noqa: E402, F401  (registers the ResNet baselines; it imports this module)
