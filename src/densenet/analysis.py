@@ -180,11 +180,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="square input side in pixels (default: 32 for CIFAR-stem models, 224 otherwise)")
     parser.add_argument("--json", action="store_true", help="print the same data as JSON")
     parser.add_argument("--list", action="store_true", help="list the registered models with parameter counts")
+    parser.add_argument("--weights", default=None, metavar="PATH",
+                        help="analyse trained weights (weights or run directory, .safetensors, checkpoint) instead of MODEL")
+    parser.add_argument("--feature-reuse", action="store_true",
+                        help="with --weights: per-block feature-reuse heat maps (paper's Figure 5), PNG + JSON")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="where feature_reuse.json/.png go (default: beside the weights)")
 
 
 def run(args: argparse.Namespace) -> int:
     from densenet.models import create_model, describe_models
 
+    if getattr(args, "weights", None) or getattr(args, "feature_reuse", False):
+        from densenet.reuse import run_analyze
+
+        return run_analyze(args)
     if args.list or not args.model:
         rows = describe_models()
         print(json.dumps(rows, indent=2) if args.json else format_model_list(rows))

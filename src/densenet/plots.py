@@ -93,3 +93,39 @@ def plot_confusion(matrix, classes: list[str], path: str | os.PathLike, title: s
         return _save(fig, path)
     finally:
         plt.close(fig)
+
+
+def plot_feature_reuse(data: dict, path: str | os.PathLike, title: str = "") -> Path:
+    """Feature-reuse heat maps (the DenseNet paper's Figure 5), one panel per dense block.
+
+    ``data`` is :func:`densenet.reuse.feature_reuse`'s result. Cell (source s, target l) is the
+    normalised mean absolute weight l gives to s; the last column is the block's consumer (the
+    next transition, or the classifier). Cells where l does not read s are left white.
+    """
+    import numpy as np
+
+    plt = _pyplot()
+    blocks = data["blocks"]
+    fig, axes = plt.subplots(1, len(blocks), figsize=(4.2 * len(blocks) + 1.0, 4.4), squeeze=False)
+    try:
+        image = None
+        for ax, block in zip(axes[0], blocks):
+            matrix = np.array([[np.nan if v is None else v for v in row] for row in block["normalized"]], dtype=float)
+            image = ax.imshow(np.ma.masked_invalid(matrix), cmap="viridis", vmin=0.0, vmax=1.0,
+                              interpolation="nearest", aspect="auto")
+            n = block["layers"]
+            step = max(1, (n + 1) // 8)
+            columns = list(range(0, n, step)) + [n]
+            consumer = "T" if block["consumer"].startswith("transition") else "C"
+            ax.set_xticks(columns, [str(c + 1) for c in columns[:-1]] + [consumer])
+            rows = list(range(0, n + 1, step))
+            ax.set_yticks(rows, [str(r) for r in rows])
+            ax.axvline(n - 0.5, color="white", linewidth=2)
+            ax.set_xlabel(f"target layer (l); {consumer} = {block['consumer']}")
+            ax.set_ylabel("source layer (s); 0 = block input")
+            ax.set_title(f"{block['block']} ({n} layers)")
+        fig.colorbar(image, ax=list(axes[0]), fraction=0.03, pad=0.02, label="normalised mean |weight|")
+        fig.suptitle(title or f"feature reuse: {data.get('model', '')}")
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
