@@ -283,8 +283,21 @@ def _check_official_md5(src: Source, filename: str) -> None:
         )
 
 
-def _names(values) -> list[str]:
-    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+def _names(values, path: Path) -> list[str]:
+    if not isinstance(values, (list, tuple)):
+        raise DataError(f"{path}: the class names are of type {type(values).__name__}, not a list")
+    return [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _labels(values, path: Path, fix: str) -> np.ndarray:
+    """A batch's labels as int64; anything but a flat list or array of integers is refused."""
+    try:
+        labels = np.asarray(values) if isinstance(values, (list, tuple, np.ndarray)) else None
+    except (ValueError, TypeError):  # ragged nesting
+        labels = None
+    if labels is None or labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
+        raise DataError(f"{path}: the labels are not a flat list of integers; {fix}")
+    return labels.astype(np.int64)
 
 
 def _python_classes(src: Source, label_type: str) -> list[str]:
@@ -296,7 +309,7 @@ def _python_classes(src: Source, label_type: str) -> list[str]:
     key = "label_names" if src.name == "cifar10" else f"{label_type}_label_names"
     if key not in meta:
         raise DataError(f"{path} has no '{key}' entry; {src.fix_hint()}")
-    return _names(meta[key])
+    return _names(meta[key], path)
 
 
 def _read_python_file(src: Source, path: Path, label_type: str) -> tuple[np.ndarray, np.ndarray]:
@@ -307,7 +320,7 @@ def _read_python_file(src: Source, path: Path, label_type: str) -> tuple[np.ndar
     if "data" not in entry or key not in entry:
         raise DataError(f"{path} lacks 'data' or '{key}'; it is not a {PRETTY[src.name]} batch")
     data = entry["data"]
-    labels = np.asarray(entry[key], dtype=np.int64)
+    labels = _labels(entry[key], path, src.fix_hint())
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DataError(f"{path}: 'data' is not a uint8 array of 3072-byte rows; {src.fix_hint()}")
     if data.shape[0] != labels.shape[0]:
@@ -459,8 +472,12 @@ def decode_image(path: Path, image_size: int) -> np.ndarray:
             arr = np.asarray(img, dtype=np.uint8)
     except UnidentifiedImageError:
         raise DataError(f"{path} is not an image file (remove it or replace it)") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{path} is truncated or corrupt ({exc}); remove it or replace it") from None
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path} is too large to decode safely ({exc}); remove it or replace it") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # OSError, ValueError, SyntaxError, and others from Pillow on damaged headers
+        raise DataError(f"{path} is truncated or corrupt ({exc or type(exc).__name__}); remove it or replace it") from None
     return arr.transpose(2, 0, 1)
 
 
