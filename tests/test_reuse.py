@@ -109,7 +109,7 @@ def test_cli_writes_json_and_png(saved, tmp_path, capsys):
     model, weights = saved
     assert main(["analyze", "--weights", str(weights), "--feature-reuse", "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
-    assert "denseblock1: 1 bottleneck layers, 8 input channels, k=4, read by transition1" in out
+    assert "denseblock1: 1 bottleneck layer, 8 input channels, k=4, read by transition1" in out
     written = json.loads((tmp_path / "o" / "feature_reuse.json").read_text())
     expected = feature_reuse(model)
     assert [b["normalized"] for b in written["blocks"]] == [b["normalized"] for b in expected["blocks"]]

@@ -123,9 +123,71 @@ def plot_feature_reuse(data: dict, path: str | os.PathLike, title: str = "") -> 
             ax.axvline(n - 0.5, color="white", linewidth=2)
             ax.set_xlabel(f"target layer (l); {consumer} = {block['consumer']}")
             ax.set_ylabel("source layer (s); 0 = block input")
-            ax.set_title(f"{block['block']} ({n} layers)")
+            ax.set_title(f"{block['block']} ({n} layer{'s' if n != 1 else ''})")
         fig.colorbar(image, ax=list(axes[0]), fraction=0.03, pad=0.02, label="normalised mean |weight|")
         fig.suptitle(title or f"feature reuse: {data.get('model', '')}")
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_comparison(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Bar charts of ``densenet compare``'s rows: parameters, MACs, training memory, images/s, accuracy."""
+    plt = _pyplot()
+    panels = [("params", 1e-6, "parameters (M)"), ("macs", 1e-9, "MACs per image (G)"),
+              ("train_memory_mb", 1.0, "training memory (MB)"),
+              ("train_images_per_second", 1.0, "training images/s"),
+              ("infer_images_per_second", 1.0, "inference images/s")]
+    if any(row.get("test_acc") is not None for row in rows):
+        panels.append(("test_acc", 100.0, "test accuracy (%)"))
+    names = [row["model"] for row in rows]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels) + 1.5, 0.5 * len(rows) + 2.0),
+                             sharey=True, squeeze=False)
+    try:
+        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for ax, (key, scale, label) in zip(axes[0], panels):
+            values = [0.0 if row.get(key) is None else row[key] * scale for row in rows]
+            bars = ax.barh(range(len(rows)), values, color=[colours[i % len(colours)] for i in range(len(rows))])
+            ax.bar_label(bars, labels=["-" if row.get(key) is None else f"{v:,.3g}" for row, v in zip(rows, values)],
+                         fontsize=8, padding=2)
+            ax.set_title(label, fontsize=10)
+            ax.margins(x=0.3)
+            ax.grid(axis="x", alpha=0.3)
+        axes[0][0].set_yticks(range(len(rows)), names)
+        axes[0][0].invert_yaxis()
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_sweep(data: dict, path: str | os.PathLike, title: str = "") -> Path:
+    """Test accuracy against parameters and against MACs for ``densenet sweep``'s rows.
+
+    Each point is labelled with its value of the swept parameter; runs without an accuracy yet
+    are left out.
+    """
+    plt = _pyplot()
+    rows = [r for r in data["rows"] if r.get("final_test_acc") is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    try:
+        for ax, key, scale, label in ((axes[0], "params", 1e-6, "parameters (M)"),
+                                      (axes[1], "macs", 1e-9, "MACs per image (G)")):
+            xs = [r[key] * scale for r in rows]
+            ys = [100 * r["final_test_acc"] for r in rows]
+            ax.plot(xs, ys, "-o")
+            for r, x, y in zip(rows, xs, ys):
+                ax.annotate(f"{data['param']}={r['value']}", (x, y), textcoords="offset points", xytext=(4, 4),
+                            fontsize=8)
+            ax.set_xlabel(label)
+            ax.set_ylabel("final test accuracy (%)")
+            ax.grid(alpha=0.3)
+            if not rows:
+                ax.text(0.5, 0.5, "no finished runs yet", transform=ax.transAxes, ha="center")
+        fig.suptitle(title or f"sweep of {data['param']} ({data['model']})")
+        fig.tight_layout()
         return _save(fig, path)
     finally:
         plt.close(fig)

@@ -121,7 +121,8 @@ def format_feature_reuse(data: dict[str, Any]) -> str:
         n = block["layers"]
         norm = block["normalized"]
         lines.append("")
-        lines.append(f"{block['block']}: {n} {'bottleneck' if block['bottleneck'] else 'basic'} layers, "
+        kind = "bottleneck" if block["bottleneck"] else "basic"
+        lines.append(f"{block['block']}: {n} {kind} layer{'s' if n != 1 else ''}, "
                      f"{block['input_channels']} input channels, k={block['growth_rate']}, read by {block['consumer']}")
         lines.append(f"  {'source':<8}{'mean over later layers':>24}{block['consumer']:>16}")
         for s, label in enumerate(block["sources"]):
