@@ -64,7 +64,9 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 1e-4
     schedule: str = "step"
-    milestones: list[float] = field(default_factory=lambda: [50.0, 75.0])  # epochs, or fractions if all < 1
+    # step-schedule milestones in epochs, or fractions of the run when all are below 1; the default is
+    # epochs 50 and 75 of the original 200, scaled with --epochs
+    milestones: list[float] = field(default_factory=lambda: [0.25, 0.375])
     gamma: float = 0.1
     warmup_epochs: float | None = None  # None: 0, or 30% of the epochs for onecycle
     label_smoothing: float = 0.0
@@ -520,14 +522,14 @@ class _Trainer:
             out_dir = Path(c.out_dir) if c.out_dir else checkpoint_path.parent
         else:
             out_dir = Path(c.out_dir) if c.out_dir else default_out_dir(c.model)
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create the run directory {out_dir}: {exc.strerror or exc}") from None
         self.out_dir = out_dir
         self.checkpoint_source = checkpoint_path
 
         self.data = load_data(c)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the run directory {out_dir}: {exc.strerror or exc}") from None
         train_set = self.data["train"]
         num_classes = c.num_classes or train_set.num_classes
         if num_classes != train_set.num_classes:
@@ -683,7 +685,12 @@ class _Trainer:
     def _save(self, name: str, checkpoint: dict) -> None:
         from densenet.weights import save_checkpoint
 
-        save_checkpoint(self.out_dir / name, checkpoint)
+        try:
+            save_checkpoint(self.out_dir / name, checkpoint)
+        except OSError as exc:
+            raise TrainingError(
+                f"cannot write {self.out_dir / name}: {exc.strerror or exc}; the previous checkpoint is intact"
+            ) from None
 
     # the loop ----------------------------------------------------------------------------------
 
@@ -852,7 +859,7 @@ class _Trainer:
             last = self.out_dir / "checkpoint-last.pt"
             kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
             raise TrainingError(
-                f"the loss became {float(loss)} at epoch {epoch + 1}, step {step + 1} "
+                f"the loss became {float(loss.detach())} at epoch {epoch + 1}, step {step + 1} "
                 f"(lr {self.optimizer.param_groups[0]['lr']:.3g}); training stopped, {kept}. "
                 f"Lower --lr or add --warmup-epochs"
             )
@@ -967,7 +974,8 @@ def add_arguments(parser) -> None:
     g.add_argument("--nesterov", action=B, default=None)
     g.add_argument("--weight-decay", type=float, default=None, help="default 1e-4")
     g.add_argument("--schedule", default=None, choices=SCHEDULES, help="default step")
-    g.add_argument("--milestones", default=None, help="step epochs, e.g. 50,75, or fractions, e.g. 0.5,0.75")
+    g.add_argument("--milestones", default=None,
+                   help="step epochs, e.g. 50,75, or fractions, e.g. 0.5,0.75 (default 0.25,0.375: 50,75 of 200)")
     g.add_argument("--gamma", type=float, default=None, help="factor at each milestone (default 0.1)")
     g.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up (default 0; onecycle 30%%)")
     g.add_argument("--label-smoothing", type=float, default=None)
