@@ -23,8 +23,8 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -301,15 +301,37 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         with open(path, "rb") as f:
             data = f.read()
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except OSError as exc:
         raise WeightsError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as exc:
+    _check_zip_crcs(path, data)
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as exc:  # UnpicklingError, RuntimeError, KeyError, IndexError, ... from damaged bytes
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(f"{path} is not a readable checkpoint ({first})") from None
     if not isinstance(obj, dict):
         raise WeightsError(f"{path} does not hold a checkpoint dictionary")
     return obj
+
+
+def _check_zip_crcs(path: Path, data: bytes) -> None:
+    """Refuse a zip-format checkpoint whose stored CRC-32s do not match (torch.load does not check them).
+
+    Without this, a flipped bit in the tensor data of a checkpoint loads silently as a wrong weight.
+    Files that are not zip archives are left to ``torch.load`` to judge.
+    """
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, ValueError, OSError):
+        return
+    try:
+        bad = archive.testzip()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
+        raise WeightsError(f"{path} is corrupt ({exc})") from None
+    if bad is not None:
+        raise WeightsError(f"{path} is corrupt: the CRC-32 of its entry {bad} does not match (damaged on disk?)")
 
 
 def state_and_meta_from_checkpoint(checkpoint: dict, source) -> tuple[dict, dict]:
