@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from densenet.errors import ConfigError, WeightsError
 
@@ -38,6 +38,8 @@ __all__ = [
     "register_arch",
     "load_state_dict_compat",
     "count_parameters",
+    "optimize_for_inference",
+    "InferenceDenseNet",
     "densenet121_cifar",
     "densenet_bc_mini",
     "densenet121",
@@ -105,26 +107,62 @@ class _DenseLayer(nn.Module):
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)
         return self.conv1(self.relu1(self.norm1(x)))
 
+    def _body(self, *inputs: Tensor) -> Tensor:
+        """The whole layer but dropout: concatenation to the last convolution."""
+        out = self._concat_conv1(*inputs)
+        if self.bottleneck:
+            out = self.conv2(self.relu2(self.norm2(out)))
+        return out
+
     def _recompute_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        return contextlib.nullcontext(), _running_stats_kept(self.norm1)
+        """Selective checkpointing: convolution outputs are kept, everything else is recomputed.
+
+        The recomputation in backward must not count the batch a second time in the running
+        statistics of norm1/norm2, so they are restored around it.
+        """
+        forward_context, recompute_context = create_selective_checkpoint_contexts(_keep_convolutions)
+        norms = [self.norm1, self.norm2] if self.bottleneck else [self.norm1]
+        return forward_context, _recompute_guarded(recompute_context, norms)
 
     def forward(self, inputs: list[Tensor]) -> Tensor:
         if self.memory_efficient and torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-            # Keep only the inputs (already stored by earlier layers) and conv1's small output;
-            # the concatenation and the BN/ReLU maps are recomputed in backward. Nothing random
-            # happens inside, so the RNG state need not be saved.
-            # Under torch.compile the recomputation is part of the compiled backward, which does
-            # not replay buffer updates, so the running-statistics guard is only needed eagerly.
-            contexts = {} if torch.compiler.is_compiling() else {"context_fn": self._recompute_contexts}
-            out = checkpoint(self._concat_conv1, *inputs, use_reentrant=False, preserve_rng_state=False,
-                             **contexts)
+            if torch.compiler.is_compiling():
+                # The compiled backward does its own recomputation (and does not replay buffer
+                # updates): checkpoint the growing part only, without the eager-only contexts.
+                out = checkpoint(self._concat_conv1, *inputs, use_reentrant=False, preserve_rng_state=False)
+                if self.bottleneck:
+                    out = self.conv2(self.relu2(self.norm2(out)))
+            else:
+                # Keep only the inputs (already stored by earlier layers) and the convolution
+                # outputs; the concatenation and the BN/ReLU maps are recomputed in backward from
+                # them, which costs elementwise passes but no convolution. Nothing random happens
+                # inside (dropout comes after), so the RNG state need not be saved.
+                out = checkpoint(self._body, *inputs, use_reentrant=False, preserve_rng_state=False,
+                                 context_fn=self._recompute_contexts)
         else:
-            out = self._concat_conv1(*inputs)
-        if self.bottleneck:
-            out = self.conv2(self.relu2(self.norm2(out)))
+            out = self._body(*inputs)
         if self.drop_rate > 0:
             out = F.dropout(out, p=self.drop_rate, training=self.training)
         return out
+
+
+_CONVOLUTIONS = (torch.ops.aten.convolution.default, torch.ops.aten.mkldnn_convolution.default)
+
+
+def _keep_convolutions(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    """Selective-checkpoint policy: save convolution outputs, recompute the cheap operations."""
+    return CheckpointPolicy.MUST_SAVE if op in _CONVOLUTIONS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@contextlib.contextmanager
+def _recompute_guarded(recompute_context: contextlib.AbstractContextManager,
+                       norms: list[nn.BatchNorm2d]) -> Iterator[None]:
+    """``recompute_context`` with the running statistics of ``norms`` restored afterwards."""
+    with contextlib.ExitStack() as stack:
+        for norm in norms:  # entered first: the copies are taken outside the recomputation
+            stack.enter_context(_running_stats_kept(norm))
+        stack.enter_context(recompute_context)
+        yield
 
 
 class _DenseBlock(nn.ModuleDict):
@@ -320,6 +358,195 @@ def _check_config(growth_rate, block_config, num_init_features, bn_size, compres
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (trainable or not) of ``model``."""
     return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# inference: a fused, exact equivalent for evaluation and prediction
+
+CHUNK_BYTES = 16 * 2**20
+"""CPU batches are run in chunks whose largest dense-block map is about this size (L3-friendly)."""
+
+
+def _scale_shift(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Per-channel (scale, shift) with ``norm(x) == x * scale + shift`` in eval mode, as (1, C, 1, 1)."""
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    shift = norm.bias - norm.running_mean * scale
+    return scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
+
+
+def _frozen(t: Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> nn.Parameter:
+    """A detached copy as a parameter without gradient (so ``.to()``/``.parameters()`` see it)."""
+    return nn.Parameter(t.detach().clone().contiguous(memory_format=memory_format), requires_grad=False)
+
+
+def _bn_relu(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """relu(x * scale + shift): an eval-mode batch norm and ReLU in two cheap passes."""
+    return torch.addcmul(shift, x, scale).relu_()
+
+
+class _InferenceLayer(nn.Module):
+    """A dense layer for inference: norm2 folded into conv1 (conv1 -> norm2 is conv-then-BN)."""
+
+    def __init__(self, layer: _DenseLayer, memory_format: torch.memory_format) -> None:
+        super().__init__()
+        scale, shift = _scale_shift(layer.norm1)
+        self.scale1, self.shift1 = _frozen(scale), _frozen(shift)
+        self.bottleneck = layer.bottleneck
+        if layer.bottleneck:
+            scale2, shift2 = _scale_shift(layer.norm2)
+            self.weight1 = _frozen(layer.conv1.weight * scale2.view(-1, 1, 1, 1), memory_format)
+            self.bias1 = _frozen(shift2.flatten())
+            self.weight2 = _frozen(layer.conv2.weight, memory_format)
+        else:
+            self.weight1 = _frozen(layer.conv1.weight, memory_format)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = _bn_relu(x, self.scale1, self.shift1)
+        if not self.bottleneck:
+            return F.conv2d(out, self.weight1, None, padding=1)
+        out = F.conv2d(out, self.weight1, self.bias1).relu_()
+        return F.conv2d(out, self.weight2, None, padding=1)
+
+
+class _InferenceBlock(nn.Module):
+    """A dense block writing every layer's channels into one preallocated map.
+
+    Layer l reads the channel prefix ``[0, c_l)`` of the block's output map, already filled by
+    the block input and the earlier layers, and writes its k channels right after it: the map is
+    built once instead of being concatenated again by every layer.
+    """
+
+    def __init__(self, block: _DenseBlock, memory_format: torch.memory_format) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_InferenceLayer(layer, memory_format) for layer in block.values())
+        first = next(iter(block.values()))
+        self.in_channels = first.norm1.num_features
+        self.out_channels = self.in_channels + sum(
+            (layer.conv2 if layer.bottleneck else layer.conv1).out_channels for layer in block.values())
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        out = torch.empty((n, self.out_channels, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+        out[:, :c].copy_(x)
+        for layer in self.layers:
+            new = layer(out[:, :c])
+            out[:, c : c + new.shape[1]].copy_(new)
+            c += new.shape[1]
+        return out
+
+
+class _InferenceTransition(nn.Module):
+    """BN-ReLU, then the 2x2 average pooling before the 1x1 convolution.
+
+    Pooling and a bias-free 1x1 convolution are both linear and act on different axes, so their
+    order does not change the result; pooling first gives the convolution a quarter of the work.
+    """
+
+    def __init__(self, transition: _Transition, memory_format: torch.memory_format) -> None:
+        super().__init__()
+        scale, shift = _scale_shift(transition.norm)
+        self.scale, self.shift = _frozen(scale), _frozen(shift)
+        self.weight = _frozen(transition.conv.weight, memory_format)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(F.avg_pool2d(_bn_relu(x, self.scale, self.shift), 2), self.weight)
+
+
+class InferenceDenseNet(nn.Module):
+    """An inference-only DenseNet made by :func:`optimize_for_inference` (see there).
+
+    It computes the same function as its source model in eval mode (to float32 rounding), never
+    records gradients and holds copies of the weights (changing the source later does not change it).
+    """
+
+    def __init__(self, model: DenseNet, channels_last: bool = True) -> None:
+        super().__init__()
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.channels_last = bool(channels_last)
+        self.config = dict(model.config)
+        self.stem_stride = 4 if model.config["stem"] == "imagenet" else int(model.config["stem_stride"])
+        f = model.features
+        if hasattr(f, "norm0"):  # ImageNet stem: conv0 -> norm0 folds into conv0
+            scale, shift = _scale_shift(f.norm0)
+            self.stem_weight = _frozen(f.conv0.weight * scale.view(-1, 1, 1, 1), fmt)
+            self.stem_bias = _frozen(shift.flatten())
+        else:
+            self.stem_weight = _frozen(f.conv0.weight, fmt)
+            self.stem_bias = None
+        self.stem_conv = dict(stride=f.conv0.stride, padding=f.conv0.padding)
+        stages = []
+        for name, module in f.named_children():
+            if name.startswith("denseblock"):
+                stages.append(_InferenceBlock(module, fmt))
+            elif name.startswith("transition"):
+                stages.append(_InferenceTransition(module, fmt))
+        self.stages = nn.ModuleList(stages)
+        scale, shift = _scale_shift(f.norm5)
+        self.scale5, self.shift5 = _frozen(scale), _frozen(shift)
+        self.classifier_weight = _frozen(model.classifier.weight)
+        self.classifier_bias = _frozen(model.classifier.bias)
+        self.eval()
+
+    def _largest_map_elements(self, h: int, w: int) -> int:
+        """Elements per image of the widest dense-block map for an h x w input."""
+        h, w = math.ceil(h / self.stem_stride), math.ceil(w / self.stem_stride)
+        largest = 0
+        for stage in self.stages:
+            if isinstance(stage, _InferenceBlock):
+                largest = max(largest, stage.out_channels * h * w)
+            else:
+                h, w = h // 2, w // 2
+        return largest
+
+    def _forward(self, x: Tensor) -> Tensor:
+        x = F.conv2d(x, self.stem_weight, self.stem_bias, **self.stem_conv)
+        if self.stem_bias is not None:
+            x = F.max_pool2d(x.relu_(), kernel_size=3, stride=2, padding=1)
+        for stage in self.stages:
+            x = stage(x)
+        x = _bn_relu(x, self.scale5, self.shift5)
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return F.linear(x, self.classifier_weight, self.classifier_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            chunk = len(x)
+            if x.device.type == "cpu":
+                per_image = self._largest_map_elements(x.shape[2], x.shape[3]) * x.element_size()
+                chunk = max(1, CHUNK_BYTES // max(per_image, 1))
+            if len(x) <= chunk:
+                return self._forward(x)
+            return torch.cat([self._forward(part) for part in x.split(chunk)])
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def optimize_for_inference(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
+    """An inference-only equivalent of ``model`` that runs faster; other models come back as they are.
+
+    For a :class:`DenseNet` it returns an :class:`InferenceDenseNet` on the same device and dtype,
+    computing the same function as ``model.eval()`` up to float32 rounding:
+
+    - norm2 is folded into conv1 (conv1 -> norm2 is a convolution followed by a batch norm), and
+      an ImageNet stem's norm0 into conv0;
+    - the other batch norms (norm1, the transitions', norm5), which precede a ReLU, become one
+      multiply-add and an in-place ReLU;
+    - each dense block fills one preallocated map instead of concatenating per layer;
+    - transitions pool before their 1x1 convolution (a quarter of the work, same result);
+    - on the CPU, large batches run in chunks whose feature maps stay in the cache;
+    - weights and inputs are channels_last unless ``channels_last=False``.
+
+    The result never records gradients; use the original model for training or saliency.
+    """
+    if not isinstance(model, DenseNet):
+        return model
+    param = next(model.parameters())
+    return InferenceDenseNet(model, channels_last=channels_last).to(device=param.device, dtype=param.dtype)
 
 
 # --------------------------------------------------------------------------------------------
