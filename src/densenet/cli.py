@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("densenet.train", "train a DenseNet (recipes, resumable checkpoints, CPU or CUDA)"),
     "evaluate": ("densenet.evaluate", "loss, top-1/top-5, per-class accuracy and confusion matrix of trained weights"),
     "predict": ("densenet.predict", "top-k classes of image files with trained weights"),
+    "bench": ("densenet.bench", "images/s and peak memory of a training step or inference (synthetic inputs)"),
     "compare": ("densenet.compare", "models side by side: params, MACs, training memory, images/s, accuracy"),
     "sweep": ("densenet.sweep", "one training run per value of a model parameter (resumable), table and plots"),
     "report": ("densenet.report", "one self-contained HTML page about training runs (curves, metrics, maps)"),

@@ -214,8 +214,8 @@ class DenseNet(nn.Module):
         stem: ``"imagenet"`` (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or ``"cifar"`` (one 3x3
             conv with stride ``stem_stride``, nothing else).
         stem_stride: stride of the CIFAR stem convolution (1 as in the paper).
-        memory_efficient: recompute each layer's concatenation/norm1/relu1/conv1 in backward
-            instead of storing it (see :meth:`set_memory_efficient`).
+        memory_efficient: keep only each layer's convolution outputs for backward and recompute
+            its concatenation and BN/ReLU maps there (see :meth:`set_memory_efficient`).
 
     ``model.config`` holds these arguments (plus ``"arch"`` and ``"name"``) as a JSON-ready dict.
     """
