@@ -19,11 +19,14 @@ the previous file intact.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -187,25 +190,73 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
 
 def build_model(meta: dict, state: dict, source) -> torch.nn.Module:
     """A DenseNet built from ``meta["config"]`` with ``state`` loaded (via the models module)."""
-    from densenet.models import load_state_dict_compat, model_from_config
-
     config = meta.get("config")
     if not isinstance(config, dict):
         raise WeightsError(f"{source}: the metadata has no model config")
+    # first on the meta device, which allocates nothing: a config that does not fit the file (one
+    # with growth_rate 100000, say) is refused before it can claim memory
+    probe = _build(config, source, device="meta", max_parameters=len(state))
+    _load(probe, state, config, source)
+    model = _build(config, source)
+    _load(model, state, config, source)
+    return model
+
+
+def _build(config: dict, source, device: str | None = None, max_parameters: int | None = None):
+    from densenet.models import model_from_config
+
     try:
-        model = model_from_config(config)
+        with torch.device(device or "cpu"), _at_most_parameters(max_parameters):
+            return model_from_config(config)
+    except _TooManyParameters:
+        raise WeightsError(f"{source}: the model config describes more tensors than the {max_parameters} "
+                           "the file holds") from None
     except (ConfigError, WeightsError) as exc:
         raise WeightsError(f"{source}: cannot build the model it describes: {exc}") from None
-    except (TypeError, ValueError, KeyError) as exc:
-        raise WeightsError(f"{source}: invalid model config ({exc})") from None
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"{source}: invalid model config ({first})") from None
+
+
+def _load(model, state: dict, config: dict, source) -> None:
+    from densenet.models import load_state_dict_compat
+
     try:
-        load_state_dict_compat(model, state)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # loading into meta tensors is a no-op: there only shapes are checked
+            load_state_dict_compat(model, state)
     except WeightsError as exc:
         raise WeightsError(f"{source}: weights do not fit the architecture {config.get('name', '')}: {exc}") from None
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise WeightsError(f"{source}: weights do not fit the architecture: {first}") from None
-    return model
+
+
+class _TooManyParameters(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _at_most_parameters(limit: int | None):
+    """Stop any model construction that registers more than ``limit`` parameters.
+
+    A crafted model config (``block_config: [100000]``) would otherwise take minutes to build and
+    could need far more memory than the weights file it comes with; a model that fits the file
+    has no more parameters than the file has tensors.
+    """
+    count = 0
+
+    def hook(module, name, param):
+        nonlocal count
+        count += 1
+        if limit is not None and count > limit:
+            raise _TooManyParameters
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def load_state_and_meta(path: str | os.PathLike) -> tuple[dict, dict]:
@@ -273,16 +324,45 @@ def _embedded_meta(data: bytes) -> dict | None:
 
 
 def _check_meta(meta: dict, source) -> None:
+    """Refuse a description that would fail later (in predict or evaluate) with anything but a clear message."""
+    if not isinstance(meta, dict):
+        raise WeightsError(f"{source}: the model description is not a JSON object")
     if meta.get("format") != FORMAT:
-        raise WeightsError(f"{source}: not a densenet weights description (format {meta.get('format')!r})")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise WeightsError(f"{source}: not a densenet weights description (format {meta.get('format')!r:.60})")
+    version = meta.get("format_version", 0)
+    if not _is_int(version):
+        raise WeightsError(f"{source}: format_version must be an integer, got {version!r:.60}")
+    if version > FORMAT_VERSION:
         raise WeightsError(
-            f"{source}: format version {meta.get('format_version')} is newer than this package reads "
+            f"{source}: format version {version} is newer than this package reads "
             f"({FORMAT_VERSION}); upgrade densenet"
         )
     for key in ("config", "classes", "mean", "std"):
         if key not in meta:
             raise WeightsError(f"{source}: the description lacks {key!r}")
+    classes = meta["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise WeightsError(f"{source}: 'classes' must be a non-empty list of names, got {classes!r:.60}")
+    outputs = meta["config"].get("num_classes") if isinstance(meta["config"], dict) else None
+    if outputs is not None and outputs != len(classes):
+        raise WeightsError(f"{source}: the model has {outputs!r:.20} outputs but {len(classes)} class names")
+    for key in ("mean", "std"):
+        values = meta[key]
+        if not (isinstance(values, list) and len(values) == 3 and all(_is_finite(v) for v in values)):
+            raise WeightsError(f"{source}: {key!r} must be 3 finite numbers, got {values!r:.60}")
+    if min(meta["std"]) <= 0:
+        raise WeightsError(f"{source}: 'std' must be positive, got {meta['std']}")
+    size = meta.get("input_size", 32)
+    if not _is_int(size) or not 1 <= size <= 4096:
+        raise WeightsError(f"{source}: 'input_size' must be an integer from 1 to 4096, got {size!r:.60}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # --- checkpoints ------------------------------------------------------------------------------
