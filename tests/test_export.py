@@ -333,3 +333,22 @@ def test_cli_corrupt_onnx_weights_one_line_error(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and f"{bad} is not a usable ONNX model" in err
+
+
+def test_cli_predict_picks_the_fast_path_for_each_format(exported, weights_dir, image_folder, monkeypatch, capsys):
+    import densenet.models as models
+
+    seen = []
+    original = models.optimize_for_inference
+
+    def spy(model, **kwargs):
+        result = original(model, **kwargs)
+        seen.append((type(model).__name__, type(result).__name__))
+        return result
+
+    monkeypatch.setattr(models, "optimize_for_inference", spy)
+    image = str(image_folder / "test" / "cat" / "0000.png")
+    assert main(["predict", "--weights", str(weights_dir), image]) == 0
+    assert main(["predict", "--weights", str(exported[0]), image]) == 0
+    capsys.readouterr()
+    assert seen == [("DenseNet", "InferenceDenseNet"), ("OnnxModel", "OnnxModel")]
