@@ -48,6 +48,20 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
 
 
+def fast_inference_model(model: torch.nn.Module, device: torch.device, amp: str = "none") -> torch.nn.Module:
+    """The exact, faster inference equivalent of ``model`` where it is measured to help, else ``model``.
+
+    On the CPU in float32 that is :func:`densenet.models.optimize_for_inference` (folded batch
+    norms, one preallocated map per dense block, cache-sized chunks; same outputs to float32
+    rounding; see docs/BENCHMARKS.md). Elsewhere (CUDA, autocast) the model itself, until measured.
+    """
+    from densenet.models import optimize_for_inference
+
+    if torch.device(device).type == "cpu" and amp == "none":
+        return optimize_for_inference(model)
+    return model
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -88,6 +102,7 @@ def evaluate(
 
     was_training = model.training
     model.eval()
+    runner = fast_inference_model(model, device, amp)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     top1 = torch.zeros((), dtype=torch.long, device=device)
     top5 = torch.zeros((), dtype=torch.long, device=device)
@@ -98,9 +113,9 @@ def evaluate(
             labels = dataset.labels[start : start + batch_size].to(device, non_blocking=True)
             x = normalise(images, train=False)
             with autocast(device, amp):
-                logits = model(x).float()
+                logits = runner(x).float()
                 if tta:
-                    logits = 0.5 * (logits + model(x.flip(3)).float())
+                    logits = 0.5 * (logits + runner(x.flip(3)).float())
             if logits.shape[1] != num_classes:
                 raise ConfigError(
                     f"the model has {logits.shape[1]} outputs but the data has {num_classes} classes"

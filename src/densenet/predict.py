@@ -90,7 +90,7 @@ def predict(
     raises :class:`ImageError` naming it.
     """
     from densenet.augment import Augmenter
-    from densenet.evaluate import resolve_device
+    from densenet.evaluate import fast_inference_model, resolve_device
 
     meta = meta or getattr(model, "meta", None)
     if not meta:
@@ -111,11 +111,12 @@ def predict(
 
     was_training = model.training
     model.eval()
+    runner = fast_inference_model(model, device)
     results = []
     try:
         for start in range(0, len(tensors), batch_size):
             batch = torch.stack(tensors[start : start + batch_size]).to(device)
-            probs = model(normalise(batch, train=False)).float().softmax(dim=1).cpu()
+            probs = runner(normalise(batch, train=False)).float().softmax(dim=1).cpu()
             values, indices = probs.topk(topk, dim=1)
             for j in range(len(batch)):
                 results.append({
