@@ -105,3 +105,88 @@ def reference_infer(model: nn.Module, x):
     """The textbook inference: eval mode was set by the caller; no_grad forward."""
     with torch.no_grad():
         return model(x)
+
+
+# ---- the textbook data pipeline: per-image transforms in a Dataset, collated by a DataLoader ----
+
+
+class RandomCrop:
+    """Pad by ``padding`` zero pixels, then crop ``size`` x ``size`` at a random position."""
+
+    def __init__(self, size: int, padding: int) -> None:
+        self.size, self.padding = size, padding
+
+    def __call__(self, img):
+        from PIL import ImageOps
+
+        img = ImageOps.expand(img, border=self.padding, fill=0)
+        w, h = img.size
+        top = int(torch.randint(0, h - self.size + 1, size=(1,)).item())
+        left = int(torch.randint(0, w - self.size + 1, size=(1,)).item())
+        return img.crop((left, top, left + self.size, top + self.size))
+
+
+class RandomHorizontalFlip:
+    def __init__(self, p: float = 0.5) -> None:
+        self.p = p
+
+    def __call__(self, img):
+        from PIL import Image
+
+        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if torch.rand(1) < self.p else img
+
+
+class ToTensor:
+    """HWC uint8 PIL image -> CHW float tensor in [0, 1]."""
+
+    def __call__(self, img):
+        import numpy as np
+
+        t = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
+        return t.view(img.size[1], img.size[0], 3).permute(2, 0, 1).contiguous().float().div(255)
+
+
+class Normalize:
+    def __init__(self, mean, std) -> None:
+        self.mean, self.std = mean, std
+
+    def __call__(self, t):
+        mean = torch.as_tensor(self.mean, dtype=t.dtype).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=t.dtype).view(-1, 1, 1)
+        return t.sub(mean).div(std)
+
+
+class Compose:
+    def __init__(self, transforms) -> None:
+        self.transforms = transforms
+
+    def __call__(self, x):
+        for t in self.transforms:
+            x = t(x)
+        return x
+
+
+class ImageArrayDataset:
+    """Images as an (N, H, W, 3) uint8 array and integer labels; each item is transformed on its own."""
+
+    def __init__(self, images_hwc, labels, transform) -> None:
+        self.images, self.labels, self.transform = images_hwc, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def train_transform(mean, std) -> Compose:
+    """The tutorial CIFAR augmentation: RandomCrop(32, padding=4), flip, ToTensor, Normalize."""
+    return Compose([RandomCrop(32, padding=4), RandomHorizontalFlip(), ToTensor(), Normalize(mean, std)])
+
+
+def collate(items):
+    """What the DataLoader's default collate does with (tensor, int) pairs."""
+    images, labels = zip(*items)
+    return torch.stack(images), torch.tensor(labels)

@@ -1,0 +1,170 @@
+"""Memory-efficient mode against the standard mode: peak memory, time per training step, depth sweep.
+
+1. For each model (densenet-bc-100-12 and densenet121-cifar by default, batch 64): the peak
+   memory of a training step in each mode, each measured in a fresh child process
+   (``densenet bench --mode train``, 1 warm-up + 2 steps; CPU: peak RSS, and the RSS just before
+   the first step so that the steps' own memory can be read), and the time per step of both
+   modes, interleaved in this process (same weights, same batch), median of the rounds.
+2. Depth sweep: densenet-bc-L-12 for several L (batch 16 by default), peak memory of both modes
+   (child processes as above), as a table and a plot (PNG). Standard mode keeps every layer's
+   concatenation and BN/ReLU maps, whose size grows with the layer's depth, so its memory grows
+   quadratically with depth; the memory-efficient mode keeps per layer only maps of constant size.
+
+    .venv/bin/python benchmarks/memory.py [--rounds 5] [--plot docs/memory_sweep.png] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from densenet.bench import cpu_name
+from densenet.models import create_model
+
+
+def child_peak(model: str, batch: int, efficient: bool, threads: int | None) -> dict:
+    """Peak memory of 1 warm-up + 2 training steps in a fresh process (``densenet bench``)."""
+    cmd = [sys.executable, "-m", "densenet", "bench", "--model", model, "--mode", "train", "--batch-size",
+           str(batch), "--device", "cpu", "--steps", "2", "--warmup", "1", "--json", "--_child"]
+    if efficient:
+        cmd.append("--memory-efficient")
+    if threads:
+        cmd += ["--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise SystemExit(f"child failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    r = json.loads(proc.stdout)
+    return {"peak_mb": r["rss_peak_mb"], "before_mb": r["rss_before_mb"],
+            "steps_mb": r["rss_peak_mb"] - r["rss_before_mb"], "ms_per_step": r["ms_per_step"]}
+
+
+def interleaved_step_times(model_name: str, batch: int, rounds: int) -> dict:
+    """Seconds per training step of both modes, alternating, from the same weights and batch."""
+    torch.manual_seed(0)
+    standard = create_model(model_name).train().to(memory_format=torch.channels_last)
+    efficient = copy.deepcopy(standard).set_memory_efficient(True)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    runs = {}
+    for name, model in (("standard", standard), ("efficient", efficient)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=True)
+
+        def step(model=model, opt=opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        runs[name] = step
+    for step in runs.values():
+        step()
+    wall = {name: [] for name in runs}
+    cpu = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, step in runs.items():
+            w, c = time.perf_counter(), time.process_time()
+            step()
+            wall[name].append(time.perf_counter() - w)
+            cpu[name].append(time.process_time() - c)
+    out = {}
+    for clock, times in (("wall", wall), ("cpu", cpu)):
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        paired = statistics.median(e / s for e, s in zip(times["efficient"], times["standard"]))
+        out[clock] = {"s_per_step": med, "extra_time_of_medians": med["efficient"] / med["standard"] - 1,
+                      "extra_time_median_paired": paired - 1, "rounds": times}
+    return out
+
+
+def plot_sweep(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths = [r["depth"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for mode, style in (("standard", "o-"), ("efficient", "s-")):
+        ax.plot(depths, [r[mode]["steps_mb"] for r in rows], style,
+                label="standard" if mode == "standard" else "memory-efficient")
+    ax.set_xlabel("depth L of DenseNet-BC (k=12)")
+    ax.set_ylabel("memory of a training step (MiB)")
+    ax.set_title(f"Peak RSS above the pre-step baseline, batch {rows[0]['batch']}, CPU")
+    ax.set_xticks(depths)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="densenet-bc-100-12,densenet121-cifar")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (at least 5)")
+    parser.add_argument("--sweep", default="40,100,160,250", help="depths L of densenet-bc-L-12 ('' to skip)")
+    parser.add_argument("--sweep-batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--plot", default=None, help="PNG path for the depth-sweep plot")
+    parser.add_argument("--json", default=None, help="write all results to this JSON file")
+    parser.add_argument("--skip-timing", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rounds = max(5, args.rounds)
+    results: dict = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                     "load_average": list(os.getloadavg()), "models": {}, "sweep": []}
+    print(f"{results['cpu']}, {results['threads']} threads, torch {results['torch']}, "
+          f"load average {results['load_average']}", flush=True)
+
+    print("| model | batch | standard peak RSS (steps) MiB | efficient peak RSS (steps) MiB | steps' memory "
+          "efficient/standard | extra time (wall, paired median) | extra time (CPU, paired median) |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    for name in [m for m in args.models.split(",") if m]:
+        std = child_peak(name, args.batch, False, args.threads)
+        eff = child_peak(name, args.batch, True, args.threads)
+        row = {"batch": args.batch, "standard": std, "efficient": eff,
+               "memory_ratio_steps": eff["steps_mb"] / std["steps_mb"], "memory_ratio_peak": eff["peak_mb"] / std["peak_mb"]}
+        if not args.skip_timing:
+            row["time"] = interleaved_step_times(name, args.batch, rounds)
+        results["models"][name] = row
+        t = row.get("time")
+        extra = (f"{100 * t['wall']['extra_time_median_paired']:+.1f}% | {100 * t['cpu']['extra_time_median_paired']:+.1f}%"
+                 if t else "- | -")
+        print(f"| {name} | {args.batch} | {std['peak_mb']:,.0f} ({std['steps_mb']:,.0f}) | "
+              f"{eff['peak_mb']:,.0f} ({eff['steps_mb']:,.0f}) | {row['memory_ratio_steps']:.2f} "
+              f"(whole process {row['memory_ratio_peak']:.2f}) | {extra} |", flush=True)
+
+    depths = [int(d) for d in args.sweep.split(",") if d.strip()]
+    if depths:
+        print(f"\ndepth sweep, densenet-bc-L-12, batch {args.sweep_batch}")
+        print("| L | standard peak RSS (steps) MiB | efficient peak RSS (steps) MiB | ratio (steps) |")
+        print("|---|---|---|---|", flush=True)
+    for depth in depths:
+        name = f"densenet-bc-{depth}-12"
+        std = child_peak(name, args.sweep_batch, False, args.threads)
+        eff = child_peak(name, args.sweep_batch, True, args.threads)
+        results["sweep"].append({"depth": depth, "batch": args.sweep_batch, "standard": std, "efficient": eff})
+        print(f"| {depth} | {std['peak_mb']:,.0f} ({std['steps_mb']:,.0f}) | {eff['peak_mb']:,.0f} "
+              f"({eff['steps_mb']:,.0f}) | {eff['steps_mb'] / std['steps_mb']:.2f} |", flush=True)
+    if depths and args.plot:
+        plot_sweep(results["sweep"], args.plot)
+        print(f"wrote {args.plot}")
+    results["load_average_end"] = list(os.getloadavg())
+    print(f"load average at the end {results['load_average_end']}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
