@@ -38,9 +38,13 @@ def data(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
+    from densenet import models
+
     monkeypatch.setenv("DENSENET_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv(T.SIGTERM_AFTER_STEP_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
+    # the sweep registers its model variants; keep them out of other tests' registry
+    monkeypatch.setattr(models, "_MODELS", dict(models._MODELS))
 
 
 def settings(data, **kw) -> dict:

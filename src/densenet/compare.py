@@ -285,7 +285,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="*", metavar="MODEL", help="model names (see densenet analyze --list)")
-    parser.add_argument("--run-dir", nargs="+", default=[], metavar="RUN",
+    parser.add_argument("--run-dir", nargs="+", action="extend", default=[], metavar="RUN",
                         help="run directories of densenet train: their test accuracy joins their model's row")
     parser.add_argument("--batch-size", type=int, default=64, help="batch for memory and speed (default 64)")
     parser.add_argument("--steps", type=int, default=3, metavar="N", help="timed steps per measurement (default 3)")

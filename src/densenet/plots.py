@@ -148,8 +148,8 @@ def plot_comparison(rows: list[dict], path: str | os.PathLike, title: str = "") 
         for ax, (key, scale, label) in zip(axes[0], panels):
             values = [0.0 if row.get(key) is None else row[key] * scale for row in rows]
             bars = ax.barh(range(len(rows)), values, color=[colours[i % len(colours)] for i in range(len(rows))])
-            ax.bar_label(bars, labels=["-" if row.get(key) is None else f"{v:,.3g}" for row, v in zip(rows, values)],
-                         fontsize=8, padding=2)
+            ax.bar_label(bars, labels=["-" if row.get(key) is None else (f"{v:,.0f}" if v >= 1000 else f"{v:.3g}")
+                                       for row, v in zip(rows, values)], fontsize=8, padding=2)
             ax.set_title(label, fontsize=10)
             ax.margins(x=0.3)
             ax.grid(axis="x", alpha=0.3)
