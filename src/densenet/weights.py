@@ -25,6 +25,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 import warnings
 import zipfile
@@ -71,11 +72,30 @@ def _atomic_write(path, write) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc  # name the file (disk full, ...)
         raise
     _fsync_dir(path.parent)
     return path
+
+
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # what _atomic_write's mkstemp names look like
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of atomic writes that a killed process left in ``directory``.
+
+    Only for a directory this process owns (a run directory): a live writer's file would go too.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.iterdir() if _TEMPORARY.match(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def _file_mode(path: Path) -> int:
