@@ -213,13 +213,20 @@ def build_model(meta: dict, state: dict, source) -> torch.nn.Module:
     config = meta.get("config")
     if not isinstance(config, dict):
         raise WeightsError(f"{source}: the metadata has no model config")
-    # first on the meta device, which allocates nothing: a config that does not fit the file (one
-    # with growth_rate 100000, say) is refused before it can claim memory
-    probe = _build(config, source, device="meta", max_parameters=len(state))
-    _load(probe, state, config, source)
+    check_fit(config, state, source)
     model = _build(config, source)
     _load(model, state, config, source)
     return model
+
+
+def check_fit(config: dict, state: dict, source) -> None:
+    """Raise :class:`WeightsError` unless ``state`` fits the model ``config`` describes.
+
+    Done on the meta device, which allocates nothing: a config that does not fit the file (one
+    with growth_rate 100000, say) is refused before it can claim memory.
+    """
+    probe = _build(config, source, device="meta", max_parameters=len(state))
+    _load(probe, state, config, source)
 
 
 def _build(config: dict, source, device: str | None = None, max_parameters: int | None = None):
@@ -325,14 +332,28 @@ def _read_safetensors(file: Path) -> tuple[dict, dict]:
         digest = meta.get("sha256")
         if digest and digest != hashlib.sha256(data).hexdigest():
             raise WeightsError(
-                f"{file} does not match {json_file} (SHA-256 differs): the pair was not written together"
+                f"{file} does not match {json_file} (SHA-256 differs): one was damaged, or the pair was not "
+                "written together"
             )
     elif embedded is not None:
         meta = embedded
     if meta is None:
         raise WeightsError(f"{file} has no {META_FILE} beside it and no embedded model description")
     _check_meta(meta, json_file if json_file.is_file() else file)
+    # the sha256 covers the copy of the description inside the weights file, not model.json itself
+    if meta is not embedded and embedded is not None and _canonical(
+            {k: v for k, v in meta.items() if k != "sha256"}) != _canonical(embedded):
+        if isinstance(meta.get("config"), dict):  # a description of other weights is reported as that
+            check_fit(meta["config"], state, json_file)
+        raise WeightsError(
+            f"{json_file} differs from the description stored inside {file.name} (damaged or edited); "
+            f"restore it, or delete it to use the stored one"
+        )
     return state, meta
+
+
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True)
 
 
 def _embedded_meta(data: bytes) -> dict | None:
