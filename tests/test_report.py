@@ -116,7 +116,8 @@ def test_numbers_are_the_runs_own(runs, report):
         config = json.loads((runs / name / "config.json").read_text())
         assert row[:2] == [name, meta["config"]["name"]]
         assert row[2] == f"{config['resolved']['parameters']:,}"
-        assert row[6] == f"{100 * meta['training']['final_test_acc']:.2f}%"
+        assert row[5] == str(config["resolved"]["test_images"]) == "12"
+        assert row[7] == f"{100 * meta['training']['final_test_acc']:.2f}%"
     # per-class tables: A from its confusion.json, B evaluated by the report (equal to densenet evaluate)
     class_tables = [t for t in parsed.tables if t[0] == ["class", "correct", "total", "accuracy"]]
     assert len(class_tables) == 2

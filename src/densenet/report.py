@@ -43,7 +43,8 @@ def read_run(path: str | Path) -> dict[str, Any]:
     ``history`` (one dict per epoch from ``metrics.jsonl``), ``meta`` (``model.json`` or None),
     ``model_config``, ``model_name``, ``final_test_acc``, ``best_acc``, ``best_epoch``,
     ``epochs_completed``, ``epochs``, ``finished``, ``stop_reason``, ``wall_seconds``,
-    ``images_per_second`` (over all epochs), ``confusion`` (``confusion.json`` or None).
+    ``images_per_second`` (over all epochs), ``test_images`` (the test set training evaluated on),
+    ``confusion`` (``confusion.json`` or None).
     """
     run = Path(path)
     if not run.is_dir():
@@ -92,6 +93,7 @@ def read_run(path: str | Path) -> dict[str, Any]:
         "stop_reason": training.get("stop_reason") or ("" if meta else "unfinished (no final weights)"),
         "wall_seconds": training.get("wall_seconds", history[-1].get("elapsed_seconds") if history else None),
         "images_per_second": images / seconds if seconds else None,
+        "test_images": resolved.get("test_images"),
         "confusion": confusion,
     }
 
@@ -110,6 +112,10 @@ def _img(uri: str, alt: str, css_class: str) -> str:
 
 def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _images(run: dict[str, Any]) -> str:
+    return f" (on {run['test_images']:,} test images)" if run["test_images"] else ""
 
 
 def _table(headers: list[str] | None, rows: list[list[Any]], numeric_from: int = 1) -> str:
@@ -169,7 +175,7 @@ def _run_section(run: dict[str, Any], index: int, workdir: Path, evaluate_missin
         ["MACs per image", f"{analysis['total']['macs'] / 1e9:.3f} G" if analysis else "-"],
         ["epochs completed", f"{run['epochs_completed']} of {run['epochs']}"],
         ["stop reason", run["stop_reason"] or "-"],
-        ["final test accuracy", _pct(run["final_test_acc"])],
+        ["final test accuracy", _pct(run["final_test_acc"]) + _images(run)],
         ["best test accuracy", f"{_pct(run['best_acc'])} (epoch {run['best_epoch']})" if run["best_acc"] is not None else "-"],
         ["wall time", "-" if run["wall_seconds"] is None else f"{run['wall_seconds']:.0f} s"],
         ["training images/s", "-" if run["images_per_second"] is None else f"{run['images_per_second']:.1f}"],
@@ -241,10 +247,12 @@ def _comparison(runs: list[dict[str, Any]]) -> str:
         analysis = _analysis(run)
         rows.append([run["name"], run["model_name"], f"{analysis['total']['params']:,}" if analysis else "-",
                      f"{analysis['total']['macs'] / 1e9:.3f}" if analysis else "-",
-                     f"{run['epochs_completed']}/{run['epochs']}", _pct(run["best_acc"]), _pct(run["final_test_acc"]),
+                     f"{run['epochs_completed']}/{run['epochs']}", run["test_images"] or "-", _pct(run["best_acc"]),
+                     _pct(run["final_test_acc"]),
                      "-" if run["images_per_second"] is None else f"{run['images_per_second']:.1f}",
                      "-" if run["wall_seconds"] is None else f"{run['wall_seconds']:.0f}"])
-    headers = ["run", "model", "params", "MACs (G)", "epochs", "best test", "final test", "train img/s", "wall s"]
+    headers = ["run", "model", "params", "MACs (G)", "epochs", "test images", "best test", "final test", "train img/s",
+               "wall s"]
     return "<h2>comparison</h2>" + _table(headers, rows, numeric_from=2)
 
 
