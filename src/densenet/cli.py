@@ -2,7 +2,8 @@
 
 Each subcommand lives in the module of its concern, which provides two functions:
 ``add_arguments(parser)`` and ``run(args) -> int``. This file only wires them together and turns
-the package's own errors into one-line messages with exit status 2.
+the package's own errors into one-line messages with exit status 2 (and what the operating system
+refuses -- a full disk, a read-only folder, memory -- into one-line messages with exit status 1).
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # the file system said no: disk full, read-only, a file where a folder should be
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"densenet {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"densenet {args.command}: error: out of memory (try a smaller --batch-size)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
