@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import reference
 from densenet.augment import Augmenter
-from densenet.bench import cpu_name, retain_freed_memory
+from densenet.bench import cpu_name, set_malloc_policy
 from densenet.models import create_model, optimize_for_inference
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -193,8 +193,8 @@ def main() -> None:
     parser.add_argument("--data-batch", type=int, default=512)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--allocator", choices=("default", "retain"), default="default",
-                        help="retain: glibc malloc keeps freed memory (both sides, process-wide)")
+    parser.add_argument("--allocator", choices=("default", "retain", "release"), default="default",
+                        help="glibc malloc policy (see densenet.bench.set_malloc_policy); both sides, process-wide")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
                         help="wall time, or this process's CPU time (robust to a shared machine; use with --threads 1)")
     parser.add_argument("--json", action="store_true", help="print everything as JSON")
@@ -203,8 +203,8 @@ def main() -> None:
     rounds = max(5, args.repeats)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.allocator == "retain" and not retain_freed_memory():
-        raise SystemExit("--allocator retain needs glibc")
+    if not set_malloc_policy(args.allocator):
+        raise SystemExit(f"--allocator {args.allocator} needs glibc")
     wanted = [w.strip() for w in args.only.split(",") if w.strip()]
     settings = {"train_batch": args.train_batch, "train_steps": args.train_steps, "infer_batch": args.infer_batch,
                 "data_batch": args.data_batch, "rounds": rounds, "allocator": args.allocator, "clock": args.clock}

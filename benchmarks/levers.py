@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import compare
 import reference
 from densenet import models
-from densenet.bench import cpu_name, retain_freed_memory
+from densenet.bench import cpu_name, set_malloc_policy
 from densenet.models import optimize_for_inference
 
 
@@ -126,14 +126,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (at least 5)")
     parser.add_argument("--compile", action="store_true", help="infer: add torch.compile (compile time reported)")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--allocator", choices=("default", "retain"), default="default")
+    parser.add_argument("--allocator", choices=("default", "retain", "release"), default="default",
+                        help="glibc malloc policy (see densenet.bench.set_malloc_policy), process-wide")
     parser.add_argument("--clock", choices=tuple(compare.CLOCKS), default="wall")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.allocator == "retain" and not retain_freed_memory():
-        raise SystemExit("--allocator retain needs glibc")
+    if not set_malloc_policy(args.allocator):
+        raise SystemExit(f"--allocator {args.allocator} needs glibc")
     compare.CLOCK["name"] = args.clock
     batch = args.batch or (256 if args.mode == "infer" else 64)
     rounds = max(5, args.rounds)

@@ -27,14 +27,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-from densenet.bench import cpu_name
+from densenet.bench import cpu_name, set_malloc_policy
 from densenet.models import create_model
 
 
-def child_peak(model: str, batch: int, efficient: bool, threads: int | None) -> dict:
+def child_peak(model: str, batch: int, efficient: bool, threads: int | None, allocator: str = "default") -> dict:
     """Peak memory of 1 warm-up + 2 training steps in a fresh process (``densenet bench``)."""
     cmd = [sys.executable, "-m", "densenet", "bench", "--model", model, "--mode", "train", "--batch-size",
-           str(batch), "--device", "cpu", "--steps", "2", "--warmup", "1", "--json", "--_child"]
+           str(batch), "--device", "cpu", "--steps", "2", "--warmup", "1", "--json", "--_child",
+           "--allocator", allocator]
     if efficient:
         cmd.append("--memory-efficient")
     if threads:
@@ -97,7 +98,7 @@ def plot_sweep(rows: list[dict], path: str) -> None:
                 label="standard" if mode == "standard" else "memory-efficient")
     ax.set_xlabel("depth L of DenseNet-BC (k=12)")
     ax.set_ylabel("memory of a training step (MiB)")
-    ax.set_title(f"Peak RSS above the pre-step baseline, batch {rows[0]['batch']}, CPU")
+    ax.set_title(f"Peak RSS above the pre-step baseline, batch {rows[0]['batch']}, CPU", fontsize=10)
     ax.set_xticks(depths)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -117,21 +118,26 @@ def main() -> None:
     parser.add_argument("--plot", default=None, help="PNG path for the depth-sweep plot")
     parser.add_argument("--json", default=None, help="write all results to this JSON file")
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--allocator", choices=("default", "retain", "release"), default="default",
+                        help="glibc malloc policy of the children and of the timing (densenet.bench.set_malloc_policy)")
     args = parser.parse_args()
+    if not set_malloc_policy(args.allocator):
+        raise SystemExit(f"--allocator {args.allocator} needs glibc")
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = max(5, args.rounds)
     results: dict = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                     "allocator": args.allocator,
                      "load_average": list(os.getloadavg()), "models": {}, "sweep": []}
     print(f"{results['cpu']}, {results['threads']} threads, torch {results['torch']}, "
-          f"load average {results['load_average']}", flush=True)
+          f"load average {results['load_average']}, malloc policy {args.allocator}", flush=True)
 
     print("| model | batch | standard peak RSS (steps) MiB | efficient peak RSS (steps) MiB | steps' memory "
           "efficient/standard | extra time (wall, paired median) | extra time (CPU, paired median) |")
     print("|---|---|---|---|---|---|---|", flush=True)
     for name in [m for m in args.models.split(",") if m]:
-        std = child_peak(name, args.batch, False, args.threads)
-        eff = child_peak(name, args.batch, True, args.threads)
+        std = child_peak(name, args.batch, False, args.threads, args.allocator)
+        eff = child_peak(name, args.batch, True, args.threads, args.allocator)
         row = {"batch": args.batch, "standard": std, "efficient": eff,
                "memory_ratio_steps": eff["steps_mb"] / std["steps_mb"], "memory_ratio_peak": eff["peak_mb"] / std["peak_mb"]}
         if not args.skip_timing:
@@ -151,8 +157,8 @@ def main() -> None:
         print("|---|---|---|---|", flush=True)
     for depth in depths:
         name = f"densenet-bc-{depth}-12"
-        std = child_peak(name, args.sweep_batch, False, args.threads)
-        eff = child_peak(name, args.sweep_batch, True, args.threads)
+        std = child_peak(name, args.sweep_batch, False, args.threads, args.allocator)
+        eff = child_peak(name, args.sweep_batch, True, args.threads, args.allocator)
         results["sweep"].append({"depth": depth, "batch": args.sweep_batch, "standard": std, "efficient": eff})
         print(f"| {depth} | {std['peak_mb']:,.0f} ({std['steps_mb']:,.0f}) | {eff['peak_mb']:,.0f} "
               f"({eff['steps_mb']:,.0f}) | {eff['steps_mb'] / std['steps_mb']:.2f} |", flush=True)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -58,15 +61,20 @@ def test_infer_text_report(capsys):
 
 
 @pytest.mark.parametrize("extra", [
-    ["--amp", "bf16", "--memory-efficient"],
+    ["--amp", "bf16", "--memory-efficient", "--allocator", "release"],
     ["--no-channels-last", "--allocator", "retain"],
 ])
-def test_train_options(capsys, extra):
-    r = run_json(capsys, *TINY, "--mode", "train", "--device", "cpu", "--no-memory", *extra)
+def test_train_options(extra):
+    # in a child process: the malloc policy is process-wide and must not leak into other tests
+    proc = subprocess.run([sys.executable, "-m", "densenet", "bench", *TINY, "--mode", "train", "--device", "cpu",
+                           "--no-memory", "--json", *extra], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
     assert positive(r["images_per_s"])
     assert r["amp"] == ("bf16" if "bf16" in extra else "none")
     assert r["memory_efficient"] is ("--memory-efficient" in extra)
     assert r["channels_last"] is ("--no-channels-last" not in extra)
+    assert r["allocator"] == extra[-1]
     assert "peak_memory_mb" not in r
 
 
@@ -84,6 +92,16 @@ def test_child_argv_reproduces_the_settings():
     for key in ("model", "mode", "batch_size", "channels_last", "optimized", "memory_efficient", "threads",
                 "image_size", "amp", "device", "allocator", "compile"):
         assert getattr(again, key) == getattr(args, key), key
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc policies need glibc")
+def test_malloc_policies():
+    code = ("from densenet import bench; print(bench.set_malloc_policy('release'), bench.set_malloc_policy('retain'), "
+            "bench.set_malloc_policy('default'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True", "True"]
+    with pytest.raises(bench.ConfigError, match="allocator policy"):
+        bench.set_malloc_policy("jemalloc")
 
 
 def test_auto_settings_are_chosen_in_one_place():

@@ -33,12 +33,13 @@ import torch.nn.functional as F
 
 from densenet.errors import ConfigError, DenseNetError
 
-__all__ = ["auto_settings", "run_benchmark", "format_result", "cpu_name", "retain_freed_memory",
+__all__ = ["auto_settings", "run_benchmark", "format_result", "cpu_name", "set_malloc_policy",
+           "retain_freed_memory",
            "add_arguments", "run"]
 
 MODES = ("train", "infer")
 AMPS = ("auto", "none", "bf16", "fp16")
-ALLOCATORS = ("default", "retain")
+ALLOCATORS = ("default", "retain", "release")
 CHILD_STEPS, CHILD_WARMUP = 2, 1
 
 
@@ -56,13 +57,21 @@ def auto_settings(device: torch.device) -> dict[str, Any]:
     return {"amp": "none", "channels_last": True, "optimized": True, "compile": False}
 
 
-def retain_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory instead of returning it to the system.
+def set_malloc_policy(policy: str) -> bool:
+    """Set glibc malloc's policy for big blocks, process-wide; returns False where unavailable.
 
-    Big tensors are otherwise handed back to the kernel when freed and faulted in again, page by
-    page, when the next step allocates them. The setting is process-wide; returns False where it
-    is unavailable (not glibc).
+    ``retain``: keep freed memory for reuse. Big tensors are otherwise handed back to the kernel
+    when freed and faulted in again, page by page, when the next step allocates them: faster,
+    but the resident memory stays at its peak.
+    ``release``: give every block of 64 KiB or more back to the kernel as soon as it is freed,
+    so that the resident memory follows the memory actually in use (glibc's default raises this
+    threshold as big blocks are freed, and then freed memory can stay resident, fragmented).
+    ``default``: leave glibc's adaptive behaviour alone.
     """
+    if policy not in ALLOCATORS:
+        raise ConfigError(f"allocator policy must be one of {', '.join(ALLOCATORS)}, got {policy!r}")
+    if policy == "default":
+        return True
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -70,9 +79,16 @@ def retain_freed_memory() -> bool:
 
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_trim_threshold, 2**30)) and bool(libc.mallopt(m_mmap_threshold, 2**30))
+        if policy == "retain":
+            return bool(libc.mallopt(m_trim_threshold, 2**30)) and bool(libc.mallopt(m_mmap_threshold, 2**30))
+        return bool(libc.mallopt(m_mmap_threshold, 64 * 2**10)) and bool(libc.mallopt(m_trim_threshold, 128 * 2**10))
     except (OSError, AttributeError):
         return False
+
+
+def retain_freed_memory() -> bool:
+    """``set_malloc_policy("retain")``."""
+    return set_malloc_policy("retain")
 
 
 def cpu_name() -> str:
@@ -147,9 +163,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     _check(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    retained = retain_freed_memory() if args.allocator == "retain" else False
-    if args.allocator == "retain" and not retained:
-        raise ConfigError("--allocator retain needs glibc (Linux)")
+    if not set_malloc_policy(args.allocator):
+        raise ConfigError(f"--allocator {args.allocator} needs glibc (Linux)")
     device = resolve_device(args.device)
     s = _settings(args, device)
     torch.manual_seed(0)
@@ -302,7 +317,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--allocator", choices=ALLOCATORS, default="default",
-                        help="retain: glibc malloc keeps freed memory (no page faults on re-allocation)")
+                        help="glibc malloc policy: retain keeps freed memory (no page faults on re-allocation), "
+                             "release returns it at once (resident memory follows the memory in use)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child process (CPU)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
