@@ -14,6 +14,7 @@ import os
 import pickle
 import shlex
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,20 @@ from densenet.errors import DataError, WeightsError
 from densenet.weights import load_checkpoint, load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*differs from the official")
+
+# refusals per entry point, added to $DENSENET_RELIABILITY_JSON (when set) at the end of the module
+STATS: Counter = Counter()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _summary():
+    yield
+    path = os.environ.get("DENSENET_RELIABILITY_JSON")
+    if path:
+        path = Path(path)
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+        summary["pickle safety"] = dict(STATS)
+        path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
 C10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -85,6 +100,7 @@ def test_controls_payloads_do_run_under_plain_pickle_and_torch_load(tmp_path, na
     torch.save({"model": payloads(marker)[name]}, tmp_path / "evil.pt")
     torch.load(tmp_path / "evil.pt", weights_only=False)
     assert marker.exists()
+    STATS["payload routes shown live (plain pickle and torch.load)"] += 1
 
 
 # --- CIFAR python-format pickles -----------------------------------------------------------------
@@ -124,6 +140,7 @@ def test_cifar_pickle_payloads_are_refused_unexecuted(tmp_path, name, protocol):
             load_dataset(tmp_path / "data", split=split)
         assert not marker.exists(), (file, name, protocol)
         (d / file).write_bytes(clean)
+        STATS["CIFAR pickles refused unexecuted"] += 1
 
 
 def test_cifar_pickle_refusal_through_the_command_line(tmp_path, capsys):
@@ -186,6 +203,7 @@ def test_checkpoint_payloads_are_refused_unexecuted(tmp_path, name, legacy):
     with pytest.raises(WeightsError, match="checkpoint-last.pt is not a readable checkpoint"):
         load_model(evil.parent)  # a run directory: its checkpoint is what gets loaded
     assert not marker.exists()
+    STATS["checkpoints refused unexecuted (3 entry points each)"] += 1
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
@@ -241,6 +259,7 @@ def test_every_command_refuses_a_malicious_checkpoint(tmp_path, capsys, command)
         assert "checkpoint-last.pt is not a readable checkpoint" in err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not marker.exists()
+    STATS["commands refusing a malicious checkpoint"] += 1
 
 
 def test_resume_auto_skips_malicious_runs_without_executing_them(tmp_path, monkeypatch, capsys):
