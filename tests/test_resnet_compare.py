@@ -148,6 +148,9 @@ def test_compare_matches_analyze_and_the_run(resnet_run, tmp_path, capsys):
     meta = json.loads((resnet_run / "model.json").read_text())
     assert rows["resnet18-cifar"]["test_acc"] == meta["training"]["final_test_acc"]
     assert rows["densenet-bc-10-4"]["test_acc"] is None
+    # inference is timed on the path densenet evaluate/predict take on the CPU
+    assert (rows["densenet-bc-10-4"]["inference_model"], rows["resnet18-cifar"]["inference_model"]) == (
+        "InferenceDenseNet", "ResNet")
     for row in rows.values():
         assert row["batch_size"] == 4 and row["device"] == "cpu" and row["steps"] == 1
         assert row["train_images_per_second"] > 0 and row["infer_images_per_second"] > 0

@@ -13,7 +13,9 @@ allocates once): weights, gradients, optimizer state and the activations of a st
 VmHWM and VmRSS of ``/proc/self/status``, with the peak reset at the baseline; elsewhere
 ``ru_maxrss``). On a CUDA device it is ``torch.cuda.max_memory_allocated``. Training steps are
 SGD with momentum on random data of the model's input size (forward, cross-entropy, backward,
-update); inference is a forward pass under ``torch.inference_mode``. One step of each is run
+update); inference is a forward pass under ``torch.inference_mode`` of the model
+:func:`densenet.evaluate.fast_inference_model` gives (what ``densenet evaluate`` and ``predict``
+run: on the CPU in fp32 a DenseNet's ``optimize_for_inference``; ResNets as they are). One step of each is run
 first as a warm-up and not timed.
 """
 
@@ -78,7 +80,7 @@ def _measure_here(spec: dict[str, Any]) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from densenet.analysis import default_input_size
-    from densenet.evaluate import resolve_device
+    from densenet.evaluate import fast_inference_model, resolve_device
     from densenet.models import model_from_config
 
     if spec.get("threads"):
@@ -127,12 +129,13 @@ def _measure_here(spec: dict[str, Any]) -> dict[str, Any]:
         memory_mb, memory_kind = peak_mb - baseline_mb, "peak RSS minus RSS before building the model"
 
     model.eval()
+    net = fast_inference_model(model, device) if spec.get("optimized", True) else model
     with torch.inference_mode():
-        model(x)
+        net(x)
         sync()
         start = time.perf_counter()
         for _ in range(steps):
-            model(x)
+            net(x)
         sync()
         infer_seconds = time.perf_counter() - start
     return {
@@ -143,6 +146,7 @@ def _measure_here(spec: dict[str, Any]) -> dict[str, Any]:
         "steps": steps,
         "input_size": size,
         "channels_last": bool(spec.get("channels_last", True)),
+        "inference_model": type(net).__name__,
         "train_memory_mb": memory_mb,
         "memory_measure": memory_kind,
         "peak_rss_mb": _memory_mb()[1],
@@ -164,8 +168,8 @@ def _child_main() -> None:
 
 
 def measure_model(config: dict[str, Any], *, batch_size: int = 64, steps: int = 3, device: str = "auto",
-                  channels_last: bool = True, threads: int | None = None, input_size: int | None = None,
-                  timeout: float | None = None) -> dict[str, Any]:
+                  channels_last: bool = True, optimized: bool = True, threads: int | None = None,
+                  input_size: int | None = None, timeout: float | None = None) -> dict[str, Any]:
     """Training memory and train/inference images/s of the model ``config`` describes.
 
     Runs :func:`_measure_here` in a fresh Python process (see the module docstring) and returns
@@ -173,7 +177,7 @@ def measure_model(config: dict[str, Any], *, batch_size: int = 64, steps: int = 
     ``peak_rss_mb``, ``baseline_rss_mb``, ``device``, ``threads`` and the settings used.
     """
     spec = {"config": config, "batch_size": batch_size, "steps": steps, "device": device,
-            "channels_last": channels_last, "threads": threads, "input_size": input_size}
+            "channels_last": channels_last, "optimized": optimized, "threads": threads, "input_size": input_size}
     src = str(Path(__file__).resolve().parent.parent)  # so that the child imports this same package
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p))
     code = "from densenet.compare import _child_main; _child_main()"
@@ -223,7 +227,7 @@ def _subjects(models: list[str], run_dirs: list[str], num_classes: int | None) -
 
 
 def compare(models: list[str], run_dirs: list[str] = (), *, batch_size: int = 64, steps: int = 3,
-            device: str = "auto", channels_last: bool = True, threads: int | None = None,
+            device: str = "auto", channels_last: bool = True, optimized: bool = True, threads: int | None = None,
             num_classes: int | None = None, progress=None) -> list[dict[str, Any]]:
     """Measure every model (and the model of every run directory); one row dict per model."""
     import torch
@@ -240,7 +244,7 @@ def compare(models: list[str], run_dirs: list[str] = (), *, batch_size: int = 64
         with torch.device("meta"):
             analysis = analyze_model(model_from_config(subject["config"]))
         measured = measure_model(subject["config"], batch_size=batch_size, steps=steps, device=device,
-                                 channels_last=channels_last, threads=threads)
+                                 channels_last=channels_last, optimized=optimized, threads=threads)
         accuracies = [r["test_acc"] for r in subject["runs"] if r["test_acc"] is not None]
         rows.append({
             "model": subject["name"],
@@ -263,7 +267,7 @@ def _accuracy(row: dict[str, Any]) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The comparison as a markdown table (plus one line on how it was measured)."""
     first = rows[0]
-    memory = "train memory (MB)" if first["device"] == "cpu" else "train peak (MiB)"
+    memory = "train memory (MiB)" if first["device"] == "cpu" else "train peak (MiB)"
     lines = [
         f"| model | params | MACs (G) | {memory} | train img/s | inference img/s | test accuracy |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -275,7 +279,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines.append(f"Measured on {first['device_name']} ({first['device']}, {first['threads']} threads), batch "
                  f"{first['batch_size']}, {first['steps']} timed steps after one warm-up step, fp32, "
                  f"{'channels_last' if first['channels_last'] else 'NCHW'}, input {first['input_shape'][1]}x"
-                 f"{first['input_shape'][2]}; memory: {first['memory_measure']}; MACs per image forward.")
+                 f"{first['input_shape'][2]}; memory: {first['memory_measure']}; MACs per image forward; "
+                 f"inference models: {', '.join(sorted({r['inference_model'] for r in rows}))}.")
     return "\n".join(lines)
 
 
@@ -292,6 +297,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="NHWC memory format, as densenet train uses by default (default on)")
+    parser.add_argument("--optimized", action=argparse.BooleanOptionalAction, default=True,
+                        help="time inference on the path densenet evaluate/predict use (on the CPU a DenseNet's "
+                             "optimize_for_inference; default on)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--num-classes", type=int, default=None, help="classifier outputs of named models")
     parser.add_argument("--out", default="runs/compare", metavar="DIR",
@@ -308,7 +316,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     resolve_device(args.device)
     rows = compare(args.models, args.run_dir, batch_size=args.batch_size, steps=args.steps, device=args.device,
-                   channels_last=args.channels_last, threads=args.threads, num_classes=args.num_classes,
+                   channels_last=args.channels_last, optimized=args.optimized, threads=args.threads,
+                   num_classes=args.num_classes,
                    progress=None if args.json else (lambda text: print(text, file=sys.stderr, flush=True)))
     table = format_table(rows)
     out = Path(args.out)

@@ -135,7 +135,7 @@ def plot_comparison(rows: list[dict], path: str | os.PathLike, title: str = "") 
     """Bar charts of ``densenet compare``'s rows: parameters, MACs, training memory, images/s, accuracy."""
     plt = _pyplot()
     panels = [("params", 1e-6, "parameters (M)"), ("macs", 1e-9, "MACs per image (G)"),
-              ("train_memory_mb", 1.0, "training memory (MB)"),
+              ("train_memory_mb", 1.0, "training memory (MiB)"),
               ("train_images_per_second", 1.0, "training images/s"),
               ("infer_images_per_second", 1.0, "inference images/s")]
     if any(row.get("test_acc") is not None for row in rows):
