@@ -52,6 +52,15 @@ def test_train_json_with_child_process_memory(capsys):
     assert r["device"] == "cpu" and r["threads"] == 1 and r["date"]
 
 
+def test_child_peak_does_not_include_the_parent(capsys):
+    """Linux carries a parent's ru_maxrss over into its children; the child's own peak is what counts."""
+    ballast = bytearray(1200 * 2**20)
+    ballast[:: 4096] = b"\x01" * len(ballast[:: 4096])  # touch every page: the parent is now > 1.2 GiB resident
+    r = run_json(capsys, *TINY, "--mode", "infer", "--device", "cpu")
+    assert 0 < r["peak_memory_mb"] < 1000
+    del ballast
+
+
 def test_infer_text_report(capsys):
     assert cli.main(["bench", *TINY, "--mode", "infer", "--no-memory", "--device", "cpu"]) == 0
     out = capsys.readouterr().out

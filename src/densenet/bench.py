@@ -6,7 +6,7 @@ untimed steps, each of ``--steps`` steps is timed on its own; the median gives m
 images/s.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps; on the CPU the peak
-resident set size (``ru_maxrss``) of a fresh child process that repeats the benchmark with one
+resident set size (``VmHWM``, or ``ru_maxrss`` where there is no /proc) of a fresh child process that repeats the benchmark with one
 warm-up and two timed steps (a process's peak RSS cannot be reset, and the parent's is polluted
 by everything it did before). The child also reports its RSS just before its first step, so the
 memory the steps themselves need can be told apart from the libraries, weights and inputs.
@@ -115,7 +115,19 @@ def _sync(device: torch.device) -> None:
 
 
 def _peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux reports KiB, macOS bytes)."""
+    """Peak resident set size of this process so far, in MiB.
+
+    On Linux this is ``VmHWM`` of /proc/self/status: ``ru_maxrss`` would do, except that Linux
+    carries the parent's peak over into a child across fork and exec, so a child started by a
+    big process would report at least the parent's size. Elsewhere ``ru_maxrss`` (macOS: bytes).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
