@@ -84,7 +84,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     memory_efficient: bool = False
-    ema: float | None = None  # decay of an exponential moving average of the weights; None: off
+    ema: float | None = None  # decay of an exponential moving average of the weights; None or 0: off
     tta: bool = False
     eval_every: int = 1
     eval_batch_size: int | None = None  # None: max(batch_size, 500)
@@ -235,7 +235,7 @@ def validate(config: TrainConfig) -> None:
          f"--test-subset must be >= 1, got {c.test_subset!r}")
     need(is_int(c.seed) and c.seed >= 0, f"--seed must be a non-negative integer, got {c.seed!r}")
     need(c.amp in AMPS, f"unknown --amp {c.amp!r}; choose one of {', '.join(AMPS)}")
-    need(c.ema is None or 0 < c.ema < 1, f"--ema must be a decay in (0, 1), e.g. 0.999, got {c.ema}")
+    need(c.ema is None or 0 <= c.ema < 1, f"--ema must be a decay in (0, 1), e.g. 0.999 (0: off), got {c.ema}")
     need(is_int(c.eval_every) and c.eval_every >= 1, f"--eval-every must be >= 1, got {c.eval_every!r}")
     need(c.eval_batch_size is None or c.eval_batch_size >= 1, "--eval-batch-size must be >= 1")
     need(c.max_minutes is None or c.max_minutes > 0, f"--max-minutes must be positive, got {c.max_minutes}")
