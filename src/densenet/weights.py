@@ -57,8 +57,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` through a synced temporary file and ``os.replace``."""
-    return _atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save`` through a synced temporary file and ``os.replace``.
+
+    The checkpoint is serialised in memory first: torch's zip writer turns a failed write (a full
+    disk) into a RuntimeError about stream positions, while a plain write raises the OSError.
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getbuffer())
 
 
 def _atomic_write(path, write) -> Path:
