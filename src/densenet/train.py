@@ -460,6 +460,15 @@ class TrainResult:
         return {"SIGINT": 130, "SIGTERM": 143}.get(self.stop_reason, 0)
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` means an allocation failed (CUDA, the CPU allocator, oneDNN's scratch space, Python)."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("can't allocate memory", "out of memory", "could not create a primitive"))
+
+
 def _rng_state(device: torch.device) -> dict:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -507,13 +516,32 @@ class _Trainer:
             torch.backends.cudnn.benchmark = True
         try:
             return self._run()
+        except OSError as exc:  # disk full, quota, read-only file system while writing the run's files
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise TrainingError(f"cannot write {where}{exc.strerror or exc}; {self._kept()}") from None
+        except (MemoryError, RuntimeError) as exc:
+            if not out_of_memory(exc):
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise TrainingError(
+                f"out of memory at batch size {c.batch_size} ({first[:160]}); use a smaller --batch-size or "
+                f"--memory-efficient (--eval-batch-size for evaluation); {self._kept()}"
+            ) from None
         finally:
             torch.use_deterministic_algorithms(previous_deterministic)
             torch.set_num_threads(previous_threads)
 
+    def _kept(self) -> str:
+        """What a failed run leaves to continue from, for its error message."""
+        out_dir = getattr(self, "out_dir", None)
+        last = out_dir / "checkpoint-last.pt" if out_dir is not None else None
+        if last is None or not last.is_file():
+            return "no checkpoint was written yet"
+        return f"the last checkpoint {last} is intact; continue with: densenet train --resume {out_dir}"
+
     def _run(self) -> TrainResult:
         c = self.config
-        from densenet.weights import load_checkpoint
+        from densenet.weights import load_checkpoint, remove_stale_temporaries
 
         checkpoint_path = find_resume_checkpoint(c.resume, c.out_dir, c.model)
         checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
@@ -530,6 +558,7 @@ class _Trainer:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create the run directory {out_dir}: {exc.strerror or exc}") from None
+        remove_stale_temporaries(out_dir)  # what a killed predecessor was writing
         train_set = self.data["train"]
         num_classes = c.num_classes or train_set.num_classes
         if num_classes != train_set.num_classes:
@@ -688,9 +717,10 @@ class _Trainer:
         try:
             save_checkpoint(self.out_dir / name, checkpoint)
         except OSError as exc:
-            raise TrainingError(
-                f"cannot write {self.out_dir / name}: {exc.strerror or exc}; the previous checkpoint is intact"
-            ) from None
+            previous = (self.out_dir / name).is_file()
+            kept = (f"the previous checkpoint is intact; continue with: densenet train --resume {self.out_dir}"
+                    if previous else self._kept())
+            raise TrainingError(f"cannot write {self.out_dir / name}: {exc.strerror or exc}; {kept}") from None
 
     # the loop ----------------------------------------------------------------------------------
 
@@ -897,9 +927,9 @@ class _Trainer:
         if improved:
             self.best = {"acc": select, "epoch": epoch + 1}
         checkpoint = self._checkpoint(epoch + 1, 0, None, finished=epoch + 1 >= c.epochs)
-        self._save("checkpoint-last.pt", checkpoint)
-        if improved:
+        if improved:  # best first: if it fails, last still points at the epoch before, which is redone
             self._save("checkpoint-best.pt", checkpoint)
+        self._save("checkpoint-last.pt", checkpoint)
         _write_metrics(self.out_dir, self.history)
         plot_curves(self.history, self.out_dir / "curves.png", title=f"{c.model} ({c.dataset})")
         self._report_epoch(row)
@@ -925,7 +955,7 @@ class _Trainer:
 
     def _finish(self, epochs_done: int, stop_reason: str, mid_epoch: bool) -> float:
         """Write the final weights (run directory and weights directory); return their test accuracy."""
-        from densenet.weights import save_model
+        from densenet.weights import remove_stale_temporaries, save_model
 
         c = self.config
         last = self.history[-1] if self.history else None
@@ -941,6 +971,7 @@ class _Trainer:
         save_model(self.out_dir, model, meta)
         if c.weights_dir:
             try:
+                remove_stale_temporaries(c.weights_dir)
                 save_model(c.weights_dir, model, meta)
             except OSError as exc:
                 raise ConfigError(f"cannot write the weights to {c.weights_dir}: {exc.strerror or exc}") from None
