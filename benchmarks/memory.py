@@ -100,6 +100,7 @@ def plot_sweep(rows: list[dict], path: str) -> None:
     ax.set_ylabel("memory of a training step (MiB)")
     ax.set_title(f"Peak RSS above the pre-step baseline, batch {rows[0]['batch']}, CPU", fontsize=10)
     ax.set_xticks(depths)
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
