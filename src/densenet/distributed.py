@@ -234,10 +234,9 @@ def is_peer_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(k in text for k in markers)
 
 
-def peer_failure(context: Context, exc: BaseException, out_dir=None) -> DistributedError:
-    """A one-line :class:`DistributedError` for a failed collective."""
-    last = Path(out_dir) / "checkpoint-last.pt" if out_dir else None
-    kept = f"; the last checkpoint, {last}, is intact" if last is not None and last.is_file() else ""
+def peer_failure(context: Context, exc: BaseException, kept: str = "") -> DistributedError:
+    """A one-line :class:`DistributedError` for a failed collective; ``kept`` says what can be resumed."""
+    kept = f"; {kept}" if kept else ""
     # gloo's messages start with a source location and end with advice; keep the middle
     cause = re.sub(r"^\[[^\]]*\]\s*", "", first_line(exc)).split(". This is typically")[0]
     return DistributedError(

@@ -10,6 +10,11 @@ and on the CPU exactly the weights, of an uninterrupted one.
 Run directory (``out_dir``): ``config.json``, ``metrics.csv``, ``metrics.jsonl``, ``curves.png``,
 ``checkpoint-last.pt`` (every epoch and when stopped), ``checkpoint-best.pt``, and at the end
 ``model.safetensors`` + ``model.json`` (also written to ``weights_dir``).
+
+Under ``torchrun`` (or ``densenet train --nproc N``) the same code trains with
+DistributedDataParallel (see :mod:`densenet.distributed` and docs/DISTRIBUTED.md): ``batch_size``
+is per process, each process trains on its share of every epoch, metrics and evaluation are
+reduced across processes, and only rank 0 prints and writes files.
 """
 
 from __future__ import annotations
@@ -95,6 +100,8 @@ class TrainConfig:
     threads: int | None = None
     recipe: str | None = None
     progress: str = "auto"  # auto: a tqdm bar on a terminal, else one line per epoch
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch (CUDA only)
+    dist_timeout: float = 300.0  # under torchrun: seconds a process waits for the others before failing
 
 
 RECIPES: dict[str, dict] = {
@@ -243,11 +250,15 @@ def validate(config: TrainConfig) -> None:
     need(c.num_classes is None or (is_int(c.num_classes) and c.num_classes >= 2), "--num-classes must be >= 2")
     need(c.dataset in ("cifar10", "cifar100"), f"unknown --dataset {c.dataset!r}; choose cifar10 or cifar100")
     need(c.progress in PROGRESS, f"progress must be one of {', '.join(PROGRESS)}, got {c.progress!r}")
+    need(c.dist_timeout > 0 and math.isfinite(c.dist_timeout),
+         f"--dist-timeout must be positive seconds, got {c.dist_timeout}")
     if c.recipe is not None:
         recipe_settings(c.recipe)
     from densenet.evaluate import resolve_device
 
-    resolve_device(c.device)
+    device = resolve_device(c.device)
+    need(not c.sync_bn or device.type == "cuda",
+         "--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU)")
     with torch.device("meta"):
         create_model(c.model, num_classes=10)
 
@@ -290,9 +301,10 @@ def seeded_subset(dataset, n: int | None, seed: int):
     return dataclasses.replace(dataset, images=dataset.images[idx], labels=dataset.labels[idx])
 
 
-def batch_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of one batch, mixed from (seed, epoch, batch index)."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+def batch_seed(seed: int, epoch: int, index: int, rank: int = 0) -> int:
+    """The augmentation seed of one batch, mixed from (seed, epoch, batch index) and, above 0, the rank."""
+    entropy = [seed, epoch, index] + ([rank] if rank else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
 
 def load_data(config: TrainConfig) -> dict:
@@ -410,11 +422,17 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag checked between steps; a second Ctrl-C interrupts at once."""
+    """Turns SIGINT/SIGTERM into a flag checked between steps; a second Ctrl-C interrupts at once.
 
-    def __init__(self):
+    With ``grace`` seconds, a second SIGINT within that time of the first counts as the same one
+    (under torchrun, Ctrl-C reaches a worker twice: from the terminal and from the agent).
+    """
+
+    def __init__(self, grace: float = 0.0):
         self.signum: int | None = None
         self._previous: dict = {}
+        self._grace = grace
+        self._first = 0.0
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -424,8 +442,11 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            if time.monotonic() - self._first >= self._grace:
+                raise KeyboardInterrupt
+            return
         self.signum = signum
+        self._first = time.monotonic()
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -503,23 +524,29 @@ class _Trainer:
 
     def run(self) -> TrainResult:
         c = self.config
-        from densenet.evaluate import resolve_device
+        from densenet import distributed
 
         previous_deterministic = torch.are_deterministic_algorithms_enabled()
         previous_threads = torch.get_num_threads()
-        self.device = resolve_device(c.device)
-        if c.threads:
-            torch.set_num_threads(c.threads)
-        if self.device.type == "cpu":
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        else:
-            torch.backends.cudnn.benchmark = True
+        self.dist = distributed.Context()
+        self.out_dir = None
         try:
+            # under torchrun: join the process group; the device is cuda:LOCAL_RANK or the CPU
+            self.dist = distributed.setup(c.device, c.dist_timeout)
+            self.device = self.dist.device
+            if c.threads:
+                torch.set_num_threads(c.threads)
+            if self.device.type == "cpu":
+                torch.use_deterministic_algorithms(True, warn_only=True)
+            else:
+                torch.backends.cudnn.benchmark = True
             return self._run()
         except OSError as exc:  # disk full, quota, read-only file system while writing the run's files
             where = f"{exc.filename}: " if exc.filename else ""
             raise TrainingError(f"cannot write {where}{exc.strerror or exc}; {self._kept()}") from None
         except (MemoryError, RuntimeError) as exc:
+            if self.dist.distributed and distributed.is_peer_failure(exc):
+                raise distributed.peer_failure(self.dist, exc, self._kept()) from None
             if not out_of_memory(exc):
                 raise
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -528,6 +555,12 @@ class _Trainer:
                 f"--memory-efficient (--eval-batch-size for evaluation); {self._kept()}"
             ) from None
         finally:
+            # drop the DDP wrapper while the process group is still registered: the group must not be
+            # destroyed from DDP's destructor (with the GIL held, gloo's threads can deadlock on it)
+            self.__dict__.pop("train_model", None)
+            if c.compile and self.dist.distributed:
+                torch._dynamo.reset()
+            distributed.teardown(self.dist)
             torch.use_deterministic_algorithms(previous_deterministic)
             torch.set_num_threads(previous_threads)
 
@@ -539,43 +572,93 @@ class _Trainer:
             return "no checkpoint was written yet"
         return f"the last checkpoint {last} is intact; continue with: densenet train --resume {out_dir}"
 
-    def _run(self) -> TrainResult:
-        c = self.config
-        from densenet.weights import load_checkpoint, remove_stale_temporaries
+    def _on_every_rank(self, fn):
+        """``fn()`` on every process; a :class:`DenseNetError` on any of them is raised on all of them.
 
+        So that a process that cannot read the data or the checkpoint does not leave the others
+        waiting in the next collective.
+        """
+        error, value = None, None
+        try:
+            value = fn()
+        except DenseNetError as exc:
+            error = exc
+        if self.dist.distributed:
+            for rank, other in enumerate(self.dist.gather_objects(error)):
+                if other is not None and error is None:
+                    raise type(other)(f"(rank {rank}) {other}")
+        if error is not None:
+            raise error
+        return value
+
+    def _decide_paths(self) -> tuple[Path | None, Path]:
+        """The checkpoint to resume from (or None) and the run directory."""
+        c = self.config
         checkpoint_path = find_resume_checkpoint(c.resume, c.out_dir, c.model)
-        checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
-        if checkpoint is not None:
-            self._check_resumable(checkpoint, checkpoint_path)
+        if checkpoint_path is not None:
             out_dir = Path(c.out_dir) if c.out_dir else checkpoint_path.parent
         else:
             out_dir = Path(c.out_dir) if c.out_dir else default_out_dir(c.model)
+        return checkpoint_path, out_dir
+
+    def _load_checkpoint(self, path: Path | None) -> dict | None:
+        from densenet.weights import load_checkpoint
+
+        if path is None:
+            return None
+        checkpoint = load_checkpoint(path)
+        self._check_resumable(checkpoint, path)
+        return checkpoint
+
+    def _make_out_dir(self) -> None:
+        from densenet.weights import remove_stale_temporaries
+
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the run directory {self.out_dir}: {exc.strerror or exc}"
+            ) from None
+        remove_stale_temporaries(self.out_dir)  # what a killed predecessor was writing
+
+    def _run(self) -> TrainResult:
+        c, dist = self.config, self.dist
+        from densenet import distributed
+
+        # rank 0 decides where the run lives and what it resumes from; every process loads that
+        decided = self._on_every_rank(lambda: self._decide_paths() if dist.is_main else None)
+        checkpoint_path, out_dir = dist.broadcast_object(decided)
         self.out_dir = out_dir
+        checkpoint = self._on_every_rank(lambda: self._load_checkpoint(checkpoint_path))
         self.checkpoint_source = checkpoint_path
 
-        self.data = load_data(c)
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create the run directory {out_dir}: {exc.strerror or exc}") from None
-        remove_stale_temporaries(out_dir)  # what a killed predecessor was writing
+        self.data = self._on_every_rank(lambda: load_data(c))
+        self._on_every_rank(lambda: self._make_out_dir() if dist.is_main else None)
         train_set = self.data["train"]
         num_classes = c.num_classes or train_set.num_classes
         if num_classes != train_set.num_classes:
             raise ConfigError(f"--num-classes {num_classes} but the data has {train_set.num_classes} classes")
-        self.steps_per_epoch = len(train_set) // c.batch_size
+        # batch_size is per process: each process takes every world_size-th image of the epoch
+        self.steps_per_epoch = len(train_set) // dist.world_size // c.batch_size
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"{len(train_set)} training images are fewer than one batch of {c.batch_size}")
+            per = f" per process x {dist.world_size} processes" if dist.world_size > 1 else ""
+            raise ConfigError(
+                f"{len(train_set)} training images are fewer than one batch of {c.batch_size}{per}"
+            )
 
         self._build(num_classes)
         self.history: list[dict] = []
         self.best = {"acc": None, "epoch": None}
         self.start_epoch, self.start_step, self.partial, self.global_step = 0, 0, None, 0
         self.elapsed_before = 0.0
+        self.rebased_from = None
         if checkpoint is not None:
             self._restore(checkpoint)
+        distributed.debug_log(dist, "start", start_epoch=self.start_epoch, start_step=self.start_step,
+                              global_step=self.global_step, device=str(self.device), backend=dist.backend)
 
-        self._write_config()
+        if dist.is_main:
+            self._write_config()
         return self._loop()
 
     def _check_resumable(self, checkpoint: dict, path: Path) -> None:
@@ -586,6 +669,17 @@ class _Trainer:
                     f"cannot resume {path}: it was trained with {key}={stored[key]!r}, this run asks for "
                     f"{key}={getattr(self.config, key)!r}"
                 )
+        world = int(checkpoint.get("world_size", 1))
+        if world != self.dist.world_size and int(checkpoint.get("step_in_epoch", 0)):
+
+            def procs(n: int) -> str:
+                return f"{n} process{'es' if n != 1 else ''}"
+
+            raise ConfigError(
+                f"cannot resume {path}: it stopped in the middle of an epoch of a run with {procs(world)} "
+                f"and this run has {procs(self.dist.world_size)}; resume it with {procs(world)} "
+                f"(densenet train --nproc {world}, or torchrun --nproc_per_node {world})"
+            )
 
     def _build(self, num_classes: int) -> None:
         from densenet.augment import Augmenter
@@ -599,9 +693,23 @@ class _Trainer:
         if c.memory_efficient:
             overrides["memory_efficient"] = True
         model = create_model(c.model, num_classes=num_classes, **overrides)
+        if c.sync_bn and self.dist.distributed:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         memory_format = torch.channels_last if c.channels_last else torch.contiguous_format
         self.model = model.to(device=device, memory_format=memory_format)
-        self.train_model = torch.compile(self.model) if c.compile else self.model
+        trained = self.model
+        if self.dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            from densenet.distributed import rank_seed
+
+            # DDP starts every process from rank 0's weights and averages the gradients; self.model
+            # stays the plain module (saved state dicts have no "module." prefixes)
+            device_ids = [device] if device.type == "cuda" else None
+            trained = DistributedDataParallel(self.model, device_ids=device_ids)
+            if self.dist.rank:
+                torch.manual_seed(rank_seed(c.seed, self.dist.rank))  # distinct dropout per process
+        self.train_model = torch.compile(trained) if c.compile else trained
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
             weight_decay=c.weight_decay,
@@ -621,9 +729,14 @@ class _Trainer:
         # the data goes to the device once, as uint8
         self.train_images = self.data["train"].images.to(device)
         self.train_labels = self.data["train"].labels.to(device)
+        # each process evaluates its own share of the evaluation sets (the whole sets in one process)
+        from densenet.distributed import shard_dataset
+
+        shares = {split: shard_dataset(ds, self.dist.rank, self.dist.world_size)
+                  for split, ds in self.data.items() if split != "train"}
         self.eval_sets = {
             split: dataclasses.replace(ds, images=ds.images.to(device), labels=ds.labels.to(device))
-            for split, ds in self.data.items() if split != "train"
+            for split, ds in shares.items()
         }
 
     def _restore(self, checkpoint: dict) -> None:
@@ -646,9 +759,36 @@ class _Trainer:
         self.history = list(checkpoint.get("history", []))
         self.best = dict(checkpoint.get("best") or self.best)
         self.elapsed_before = float(checkpoint.get("elapsed_seconds", 0.0))
-        _set_rng_state(checkpoint.get("rng", {}), self.device)
+        world, dist = int(checkpoint.get("world_size", 1)), self.dist
+        per_rank = checkpoint.get("rng_per_rank")
+        if isinstance(per_rank, list) and len(per_rank) == dist.world_size:
+            _set_rng_state(per_rank[dist.rank], self.device)
+        else:
+            _set_rng_state(checkpoint.get("rng", {}), self.device)
+        if world != dist.world_size:
+            self._rebase(world)
         if self.start_step > self.steps_per_epoch:
             raise TrainingError(f"{self.checkpoint_source} stopped at step {self.start_step}, beyond an epoch")
+
+    def _rebase(self, world: int) -> None:
+        """Continue an epoch-boundary checkpoint of a run with ``world`` processes in this one.
+
+        The number of steps per epoch changes with the number of processes, so the step count
+        (and the learning-rate schedule's position) restarts at start_epoch x steps_per_epoch.
+        """
+        from densenet.distributed import rank_seed
+
+        c = self.config
+        self.global_step = self.start_epoch * self.steps_per_epoch
+        self.scheduler.last_epoch = self.global_step
+        factor = lr_factor(self.global_step, self.steps_per_epoch, c)
+        lrs = [base * factor for base in self.scheduler.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs
+        if self.dist.rank:
+            torch.manual_seed(rank_seed(c.seed, self.dist.rank))
+        self.rebased_from = world
 
     def _meta(self, epochs_done: int, finished: bool, final_acc=None, stop_reason="") -> dict:
         from densenet.weights import make_meta
@@ -663,6 +803,8 @@ class _Trainer:
                 "epochs": c.epochs, "epochs_completed": epochs_done, "finished": finished,
                 "stop_reason": stop_reason, "best_acc": self.best["acc"], "best_epoch": self.best["epoch"],
                 "final_test_acc": final_acc, "ema": c.ema, "date": datetime.now(timezone.utc).isoformat(),
+                "world_size": self.dist.world_size,
+                "global_batch_size": c.batch_size * self.dist.world_size,
             },
         )
 
@@ -676,6 +818,9 @@ class _Trainer:
             "resolved": {
                 "milestone_epochs": milestone_epochs(self.config), "warmup_epochs": warmup_epochs(self.config),
                 "steps_per_epoch": self.steps_per_epoch, "train_images": len(self.data["train"]),
+                "world_size": self.dist.world_size,
+                "global_batch_size": self.config.batch_size * self.dist.world_size,
+                "backend": self.dist.backend,
                 "test_images": len(self.data["test"]), "classes": self.data["train"].classes,
                 "mean": self.data["train"].mean, "std": self.data["train"].std,
                 "parameters": sum(p.numel() for p in self.model.parameters()),
@@ -689,7 +834,12 @@ class _Trainer:
 
     # checkpoints -------------------------------------------------------------------------------
 
-    def _checkpoint(self, epoch: int, step: int, partial, finished: bool) -> dict:
+    def _checkpoint(self, epoch: int, step: int, partial, finished: bool) -> dict | None:
+        """The checkpoint dict on rank 0, None on the others (every process must call it: it
+        gathers their RNG states)."""
+        rng = self.dist.gather_objects(_rng_state(self.device))
+        if not self.dist.is_main:
+            return None
         return {
             "format": "densenet-checkpoint",
             "format_version": 1,
@@ -706,14 +856,18 @@ class _Trainer:
             "partial": partial,
             "history": self.history,
             "best": self.best,
-            "rng": _rng_state(self.device),
+            "rng": rng[0],
+            "rng_per_rank": rng if self.dist.distributed else None,
+            "world_size": self.dist.world_size,
             "elapsed_seconds": self.elapsed_before + (time.monotonic() - self.t0),
             "finished": finished,
         }
 
-    def _save(self, name: str, checkpoint: dict) -> None:
+    def _save(self, name: str, checkpoint: dict | None) -> None:
         from densenet.weights import save_checkpoint
 
+        if checkpoint is None or not self.dist.is_main:
+            return
         try:
             save_checkpoint(self.out_dir / name, checkpoint)
         except OSError as exc:
@@ -728,16 +882,26 @@ class _Trainer:
         return self.ema.module if self.ema is not None else self.model
 
     def _evaluate(self, split: str) -> dict:
+        """Evaluate on ``split``; under torchrun each process its share, the counts added up."""
+        from densenet.distributed import reduce_evaluation
         from densenet.evaluate import evaluate
 
-        c = self.config
-        return evaluate(
-            self._eval_model(), self.eval_sets[split], batch_size=c.eval_batch_size or max(c.batch_size, 500),
-            tta=c.tta, device=self.device, mean=self.augmenter.mean, std=self.augmenter.std, amp=c.amp,
-            channels_last=c.channels_last,
-        )
+        c, model, share = self.config, self._eval_model(), self.eval_sets[split]
+        self.dist.broadcast_buffers(model)  # everyone evaluates rank 0's BatchNorm statistics
+        result = None
+        if len(share):
+            result = evaluate(
+                model, share, batch_size=c.eval_batch_size or max(c.batch_size, 500),
+                tta=c.tta, device=self.device, mean=self.augmenter.mean, std=self.augmenter.std, amp=c.amp,
+                channels_last=c.channels_last,
+            )
+        if not self.dist.distributed:
+            return result
+        return reduce_evaluation(self.dist, result, list(share.classes), tta=c.tta)
 
     def _progress_mode(self) -> str:
+        if not self.dist.is_main:
+            return "none"
         mode = self.config.progress
         if mode == "auto":
             return "bar" if sys.stderr.isatty() else "lines"
@@ -754,14 +918,26 @@ class _Trainer:
         mid_epoch = False
         epoch = self.start_epoch
 
-        with StopRequest() as stop:
+        dist = self.dist
+        with StopRequest(grace=2.0 if dist.distributed else 0.0) as stop:
             if self.start_epoch < c.epochs:
                 where = f" from epoch {epoch + 1}, step {self.start_step}" if self.checkpoint_source else ""
                 self._say(f"training {c.model} on {len(self.data['train'])} images for {c.epochs} epochs on "
                           f"{self.device}{where}; run directory {self.out_dir}")
+                if dist.distributed:
+                    w, b = dist.world_size, c.batch_size
+                    self._say(f"{w} processes ({dist.backend}), global batch {b * w} = {b} per process x {w}, "
+                              f"lr {c.lr:g} (as given: not scaled with the number of processes)"
+                              + (", synchronised BatchNorm" if c.sync_bn else ""))
+                if self.rebased_from is not None:
+                    self._say(f"note: the checkpoint comes from a run with {self.rebased_from} process(es), "
+                              f"this one has {dist.world_size}: steps per epoch are now {self.steps_per_epoch} "
+                              f"and the batches differ from those of an uninterrupted run")
             while epoch < c.epochs:
                 start_step = self.start_step if epoch == self.start_epoch else 0
-                partial = self.partial if (epoch == self.start_epoch and start_step) else None
+                # a resumed epoch's sums so far are all processes' together: rank 0 carries them
+                resumed = epoch == self.start_epoch and start_step and dist.is_main
+                partial = self.partial if resumed else None
                 outcome = self._train_epoch(epoch, start_step, partial, stop, stop_after, budget)
                 train_seconds += outcome["seconds_this_run"]
                 trained_images += outcome["images_this_run"]
@@ -769,16 +945,19 @@ class _Trainer:
                     stop_reason, mid_epoch = outcome["stopped"], True
                     checkpoint = self._checkpoint(epoch, outcome["step"], outcome["partial"], False)
                     self._save("checkpoint-last.pt", checkpoint)
+                    dist.barrier()  # the others exit only once rank 0 has written it
                     self._say(f"stopped ({stop_reason}) in epoch {epoch + 1} after step {outcome['step']}/"
                               f"{self.steps_per_epoch}; saved {self.out_dir / 'checkpoint-last.pt'}")
                     break
                 self._end_epoch(epoch, outcome)
                 epoch += 1
-                if stop.signum is not None:
-                    stop_reason = stop.name
-                    break
-                if budget is not None and time.monotonic() - self.t0 > budget and epoch < c.epochs:
-                    stop_reason = "time budget"
+                reason = stop.name if stop.signum is not None else ""
+                over_budget = budget is not None and time.monotonic() - self.t0 > budget
+                if not reason and over_budget and epoch < c.epochs:
+                    reason = "time budget"
+                reason = dist.agree_stop(reason)  # every process stops after the same epoch
+                if reason:
+                    stop_reason = reason
                     break
             final_acc = None
             if stop_reason in ("completed", "time budget"):
@@ -787,7 +966,18 @@ class _Trainer:
                 self._say(f"continue with: densenet train --resume {self.out_dir}")
 
         wall = self.elapsed_before + time.monotonic() - self.t0
+        if dist.distributed:
+            (trained_images,) = dist.sum([trained_images])
+            (train_seconds,) = dist.max([train_seconds])
         ips = trained_images / train_seconds if train_seconds else 0.0
+        from densenet.distributed import debug_enabled, debug_log
+
+        if debug_enabled():
+            from densenet.distributed import state_hash
+            from densenet.weights import plain_state_dict
+
+            debug_log(dist, "end", stop_reason=stop_reason, epochs_completed=epoch,
+                      model_sha256=state_hash(plain_state_dict(self._eval_model())))
         best = "-" if self.best["acc"] is None else f"{100 * self.best['acc']:.2f}% (epoch {self.best['epoch']})"
         final = "-" if final_acc is None else f"{100 * final_acc:.2f}%"
         self._say(f"done ({stop_reason}): best {best}, final test accuracy {final}, "
@@ -801,7 +991,7 @@ class _Trainer:
         )
 
     def _say(self, text: str) -> None:
-        if self.config.progress != "none":
+        if self.config.progress != "none" and self.dist.is_main:
             print(text, flush=True)
 
     def _train_epoch(self, epoch, start_step, partial, stop, stop_after, budget) -> dict:
@@ -809,7 +999,9 @@ class _Trainer:
         from densenet.evaluate import autocast
 
         c, device = self.config, self.device
-        batches = epoch_batches(len(self.train_labels), c.batch_size, epoch=epoch, seed=c.seed)
+        rank, world = self.dist.rank, self.dist.world_size
+        batches = epoch_batches(len(self.train_labels), c.batch_size, epoch=epoch, seed=c.seed, rank=rank,
+                                world_size=world)
         partial = partial or {}
         loss_sum = torch.tensor(float(partial.get("loss_sum", 0.0)), dtype=torch.float64, device=device)
         correct = torch.tensor(int(partial.get("correct", 0)), dtype=torch.long, device=device)
@@ -831,7 +1023,7 @@ class _Trainer:
             for step in range(start_step, len(batches)):
                 idx = batches[step].to(device, non_blocking=True)
                 generator = torch.Generator(device=device)
-                generator.manual_seed(batch_seed(c.seed, epoch, step))
+                generator.manual_seed(batch_seed(c.seed, epoch, step, rank))
                 x = self.augmenter(self.train_images[idx], generator=generator, train=True)
                 y = self.train_labels[idx]
                 with autocast(device, c.amp):
@@ -865,34 +1057,46 @@ class _Trainer:
                 if stop_after and self.global_step == stop_after:
                     os.kill(os.getpid(), signal.SIGTERM)
                 done = step + 1
-                if stop.signum is not None and done < len(batches):
-                    stopped = stop.name
-                    break
-                if budget is not None and time.monotonic() - self.t0 > budget and done < len(batches):
-                    stopped = "time budget"
-                    break
+                # under torchrun the processes agree (every check_every steps) so they stop together
+                if done < len(batches) and (world == 1 or done % check_every == 0):
+                    reason = stop.name if stop.signum is not None else ""
+                    if not reason and budget is not None and time.monotonic() - self.t0 > budget:
+                        reason = "time budget"
+                    stopped = self.dist.agree_stop(reason)
+                    if stopped:
+                        break
             else:
                 done = len(batches)
         finally:
             if bar is not None:
                 bar.close()
-        if seen:
+        if seen or world > 1:
             self._check_finite(loss_sum, epoch, done - 1)
         seconds = time.monotonic() - t_start
         partial = {"loss_sum": float(loss_sum), "correct": int(correct), "seen": seen,
                    "seconds": seconds_before + seconds}
+        from densenet.distributed import debug_enabled, debug_log, reduce_partial
+
+        if debug_enabled():
+            consumed = torch.cat(batches[start_step:done]).tolist() if done > start_step else []
+            debug_log(self.dist, "epoch", epoch=epoch, start_step=start_step, steps=done, indices=consumed,
+                      **partial)
+        partial = reduce_partial(self.dist, partial)  # the sums of all processes
         return {"stopped": stopped, "step": done, "partial": partial, "seconds_this_run": seconds,
                 "images_this_run": images_this_run}
 
     def _check_finite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
-        if not bool(torch.isfinite(loss)):
-            last = self.out_dir / "checkpoint-last.pt"
-            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-            raise TrainingError(
-                f"the loss became {float(loss.detach())} at epoch {epoch + 1}, step {step + 1} "
-                f"(lr {self.optimizer.param_groups[0]['lr']:.3g}); training stopped, {kept}. "
-                f"Lower --lr or add --warmup-epochs"
-            )
+        finite = bool(torch.isfinite(loss))
+        if not self.dist.any(not finite):  # under torchrun: the loss is finite in every process
+            return
+        last = self.out_dir / "checkpoint-last.pt"
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+        value = float(loss.detach()) if not finite else "not finite in another process"
+        raise TrainingError(
+            f"the loss became {value} at epoch {epoch + 1}, step {step + 1} "
+            f"(lr {self.optimizer.param_groups[0]['lr']:.3g}); training stopped, {kept}. "
+            f"Lower --lr or add --warmup-epochs"
+        )
 
     def _end_epoch(self, epoch: int, outcome: dict) -> dict:
         c = self.config
@@ -927,11 +1131,12 @@ class _Trainer:
         if improved:
             self.best = {"acc": select, "epoch": epoch + 1}
         checkpoint = self._checkpoint(epoch + 1, 0, None, finished=epoch + 1 >= c.epochs)
-        if improved:  # best first: if it fails, last still points at the epoch before, which is redone
-            self._save("checkpoint-best.pt", checkpoint)
-        self._save("checkpoint-last.pt", checkpoint)
-        _write_metrics(self.out_dir, self.history)
-        plot_curves(self.history, self.out_dir / "curves.png", title=f"{c.model} ({c.dataset})")
+        if self.dist.is_main:
+            if improved:  # best first: if it fails, last still points at the epoch before, which is redone
+                self._save("checkpoint-best.pt", checkpoint)
+            self._save("checkpoint-last.pt", checkpoint)
+            _write_metrics(self.out_dir, self.history)
+            plot_curves(self.history, self.out_dir / "curves.png", title=f"{c.model} ({c.dataset})")
         self._report_epoch(row)
         return row
 
@@ -963,6 +1168,8 @@ class _Trainer:
             final_acc = self._evaluate("test")["top1"]
         else:
             final_acc = last["test_acc"]
+        if not self.dist.is_main:
+            return final_acc
         finished = stop_reason == "completed"
         meta = self._meta(epochs_done, finished, final_acc, stop_reason)
         meta["training"]["test_acc_per_epoch"] = [row.get("test_acc") for row in self.history]
@@ -999,7 +1206,9 @@ def add_arguments(parser) -> None:
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help="default 200")
-    g.add_argument("--batch-size", type=int, default=None, help="default 64")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="images per step per process (default 64); under torchrun the global batch is this "
+                        "x the number of processes, and --lr is used as given")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 0.01)")
     g.add_argument("--momentum", type=float, default=None, help="default 0.9")
     g.add_argument("--nesterov", action=B, default=None)
@@ -1037,6 +1246,18 @@ def add_arguments(parser) -> None:
                         "unfinished runs/<model>-*) if there is a checkpoint, else start afresh")
     g.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this much wall time")
     g.add_argument("--progress", default=None, choices=PROGRESS, help="auto: a bar on a terminal, else lines")
+
+    g = parser.add_argument_group("distributed (torchrun -m densenet train ...; see docs/DISTRIBUTED.md)")
+    g.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train with N processes on this machine (one per GPU): runs python -m "
+                        "torch.distributed.run --standalone --nproc_per_node N -m densenet train <the other "
+                        "arguments>")
+    g.add_argument("--sync-bn", action=B, default=None,
+                   help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm; "
+                        "CUDA only)")
+    g.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="under torchrun: how long a process waits for the others (start-up, each collective) "
+                        "before failing (default 300)")
 
 
 def format_recipes() -> str:
@@ -1091,6 +1312,14 @@ def run(args) -> int:
     if args.list_recipes:
         print(format_recipes())
         return 0
+    if getattr(args, "nproc", None) is not None:
+        import argparse
+
+        from densenet.distributed import argv_from_args, launch
+
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        return launch(args.nproc, argv_from_args(parser, args, skip={"nproc"}))
     config = config_from_args(args)
     validate(config)
     result = _Trainer(config).run()
