@@ -20,8 +20,8 @@ if [[ -n "${DENSENET_DATA:-}" ]]; then
     DATA="$DENSENET_DATA"
 elif has_data data; then
     DATA=data
-elif [[ -d /work/shared/data/cifar10-jpeg ]] && has_data /work/shared/data/cifar10-jpeg; then
-    DATA=/work/shared/data/cifar10-jpeg
+elif [[ -d ../shared/data/cifar10-jpeg ]] && has_data ../shared/data/cifar10-jpeg; then
+    DATA=../shared/data/cifar10-jpeg
 else
     DATA=data
 fi
