@@ -167,16 +167,14 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from densenet.evaluate import resolve_device
-    from densenet.models import optimize_for_inference
     from densenet.weights import load_model
 
     if args.topk < 1:
         raise ConfigError(f"--topk must be at least 1, got {args.topk}")
     device = resolve_device(args.device)
+    # the fastest path for the format is chosen inside predict(): ONNX Runtime for .onnx, the
+    # inference-only DenseNet (folded batch norms) for PyTorch weights on the CPU; see docs/EXPORT.md
     model, meta = load_model(args.weights, device=device)
-    # the fastest path for the format: ONNX Runtime for .onnx (unchanged here), the inference-only
-    # DenseNet (folded batch norms, channels_last) for PyTorch weights; see docs/EXPORT.md
-    model = optimize_for_inference(model)
     size = int(meta.get("input_size", 32))
 
     readable: list[tuple[int, str, torch.Tensor]] = []
