@@ -476,8 +476,9 @@ def tiny_train_argv(data: str, extra: list[str], out: Path, weights: Path, epoch
     return argv
 
 
-@pytest.fixture()
+@pytest.fixture(autouse=True)
 def in_process(dataset, monkeypatch):
+    """Commands run in this process read the same decoded-image cache as the children."""
     data, extra, env = dataset
     if "DENSENET_CACHE" in env:
         monkeypatch.setenv("DENSENET_CACHE", env["DENSENET_CACHE"])
