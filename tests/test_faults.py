@@ -497,6 +497,9 @@ def test_disk_full_while_saving_is_a_clear_error_and_the_run_resumes(in_process,
     monkeypatch.setenv("DENSENET_SIGTERM_AFTER_STEP", "3")  # stop cleanly after epoch 1 of the same run
     assert cli.main(tiny_train_argv(data, extra, out, weights, epochs=EPOCHS)) == 143
     monkeypatch.delenv("DENSENET_SIGTERM_AFTER_STEP")
+    if target == "checkpoint-best.pt":  # so that epoch 2 is a new best whatever its accuracy
+        ckpt = load_checkpoint(out / "checkpoint-last.pt")
+        torch.save(dict(ckpt, best={"acc": -1.0, "epoch": 1}), out / "checkpoint-last.pt")
     before = (out / "checkpoint-last.pt").read_bytes()
     capsys.readouterr()
 
