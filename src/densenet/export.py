@@ -66,7 +66,8 @@ def export_to_proto(model: torch.nn.Module, input_size: int, *, opset: int = DEF
     """Trace ``model`` (eval mode, CPU, float32) into an ``onnx.ModelProto``.
 
     The graph has one input ``input`` [N, 3, S, S] and one output ``logits`` [N, classes]; N is
-    symbolic with ``dynamic_batch``, else fixed at ``batch_size``.
+    symbolic with ``dynamic_batch``, else fixed at ``batch_size``. A DenseNet's memory-efficient
+    mode is switched off first (on ``model`` itself).
     """
     onnx = require("onnx", "ONNX export")
     exporter = exporter_for(opset)
@@ -79,7 +80,7 @@ def export_to_proto(model: torch.nn.Module, input_size: int, *, opset: int = DEF
     names = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME]}
     with _quiet(), torch.no_grad():
         if exporter == "dynamo":
-            shapes = {"x": {0: torch.export.Dim("batch")}} if dynamic_batch else None
+            shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None  # by position
             program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
                                         dynamic_shapes=shapes, external_data=False, verbose=False, **names)
             proto = program.model_proto
