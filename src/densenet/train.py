@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -490,6 +491,15 @@ def out_of_memory(exc: BaseException) -> bool:
         s in text for s in ("can't allocate memory", "out of memory", "could not create a primitive"))
 
 
+def _allocation(exc: BaseException) -> str:
+    """The failed allocation in a few words: its size when the message gives it, else the message's start."""
+    text = str(exc).strip()
+    size = re.search(r"tried to allocate (\d+) bytes", text)
+    if size:
+        return f"an allocation of {int(size.group(1)) / 2**20:.1f} MiB failed"
+    return (text.splitlines() or [type(exc).__name__])[0][:120]
+
+
 def _rng_state(device: torch.device) -> dict:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -549,9 +559,8 @@ class _Trainer:
                 raise distributed.peer_failure(self.dist, exc, self._kept()) from None
             if not out_of_memory(exc):
                 raise
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise TrainingError(
-                f"out of memory at batch size {c.batch_size} ({first[:160]}); use a smaller --batch-size or "
+                f"out of memory at batch size {c.batch_size} ({_allocation(exc)}); use a smaller --batch-size or "
                 f"--memory-efficient (--eval-batch-size for evaluation); {self._kept()}"
             ) from None
         finally:
