@@ -352,7 +352,8 @@ def find_resume_checkpoint(resume: str | None, out_dir: str | None, model: str) 
 
                 if not load_checkpoint(path).get("finished"):
                     return path
-            except WeightsError:
+            except WeightsError as exc:  # damaged: say so rather than silently resuming another run
+                print(f"densenet train: warning: --resume auto skips {path.parent}: {exc}", file=sys.stderr)
                 continue
         return None
     path = Path(resume)
