@@ -273,6 +273,7 @@ def test_resume_auto_skips_malicious_runs_without_executing_them(tmp_path, monke
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "nodata does not exist" in err and "Traceback" not in err  # it started afresh, then found no data
+    assert "warning: --resume auto skips runs/densenet-bc-10-4-20240101-000000: " in err  # and said why
     assert not marker.exists()
 
 
