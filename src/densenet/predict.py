@@ -46,6 +46,8 @@ def image_to_tensor(image, size: int) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
         if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
             raise ImageError(f"tensor images must be uint8 (3, H, W), got {image.dtype} {tuple(image.shape)}")
+        if image.shape[1] == 0 or image.shape[2] == 0:
+            raise ImageError(f"the tensor image has no pixels: shape {tuple(image.shape)}")
         if tuple(image.shape[1:]) == (size, size):
             return image.cpu()
         import torch.nn.functional as F
@@ -58,6 +60,9 @@ def image_to_tensor(image, size: int) -> torch.Tensor:
         Image = None
     if Image is not None and isinstance(image, Image.Image):
         from densenet.data import _to_rgb
+
+        if 0 in image.size:
+            raise ImageError(f"the image has no pixels: size {image.size[0]}x{image.size[1]}")
 
         img = _to_rgb(image)
         if img.size != (size, size):
