@@ -408,7 +408,7 @@ MODES = ["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", 
 
 
 @FUZZ
-@given(mode=st.sampled_from(MODES), w=st.integers(1, 70), h=st.integers(1, 70), size=st.sampled_from([32, 5]),
+@given(mode=st.sampled_from(MODES), w=st.integers(0, 70), h=st.integers(0, 70), size=st.sampled_from([32, 5]),
        seed=st.integers(0, 2**16))
 @bounded
 def test_fuzz_predict_accepts_pil_images_of_any_mode_and_size(mode, w, h, size, seed):
@@ -418,11 +418,15 @@ def test_fuzz_predict_accepts_pil_images_of_any_mode_and_size(mode, w, h, size, 
     except ValueError:
         img = Image.new(mode, (w, h))
     out = load_or_refuse("predict inputs (PIL images)", lambda: image_to_tensor(img, size), ImageError)
-    assert out is not None and out.dtype == torch.uint8 and tuple(out.shape) == (3, size, size)
+    if w and h:
+        assert out is not None and out.dtype == torch.uint8 and tuple(out.shape) == (3, size, size)
+    else:
+        assert out is None  # an image without pixels is refused
 
 
 @FUZZ
-@given(shape=st.lists(st.integers(0, 6), min_size=0, max_size=4),
+@given(shape=st.one_of(st.lists(st.integers(0, 6), min_size=0, max_size=4),
+                       st.tuples(st.just(3), st.integers(0, 6), st.integers(0, 6)).map(list)),
        dtype=st.sampled_from([torch.uint8, torch.float32, torch.int64, torch.bool]))
 @bounded
 def test_fuzz_predict_tensor_inputs(shape, dtype):
