@@ -153,8 +153,8 @@ def compare_data(batch: int, rounds: int, data_dir: str | None) -> dict:
     def per_image() -> None:  # what a DataLoader does for one batch (in its worker): items, then collate
         reference.collate([dataset[i] for i in order.tolist()])
 
-    def batched() -> None:  # the dataset is one uint8 tensor; index the batch, augment it at once
-        augmenter(images[order], gen), labels[order]
+    def batched() -> None:  # the dataset is one uint8 tensor; the batch is gathered and augmented at once
+        augmenter(images, gen, index=order), labels[order]
 
     result = summarise(interleaved({"reference": per_image, "ours": batched}, rounds), batch)
     result["images"] = what

@@ -106,7 +106,7 @@ def main() -> None:
     print(f"batch {args.batch} of {what}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, device {device}")
 
-    aug = Augmenter(MEAN, STD)  # crop with 4 zero pixels of padding, flip, normalise; float32 channels_last
+    aug = Augmenter(MEAN, STD)  # crop with 4 zero pixels of padding, flip, normalise; float32 NCHW
     on_device = images.to(device)
     gen = torch.Generator(device=device).manual_seed(0)
     hwc = [img.permute(1, 2, 0).numpy().copy() for img in images]

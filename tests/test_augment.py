@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from densenet.augment import Augmenter, color_jitter, crop_flip, cutout, epoch_batches, epoch_seed
+from densenet.augment import (
+    Augmenter,
+    color_jitter,
+    crop_flip,
+    cutout,
+    epoch_batches,
+    epoch_seed,
+    gather_crop_flip,
+)
 from densenet.errors import ConfigError
 
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -96,8 +104,10 @@ def test_eval_only_normalises():
     ref = (x.double() / 255 - torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1)) / torch.tensor(
         STD, dtype=torch.float64
     ).view(1, 3, 1, 1)
-    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=torch.channels_last)
+    assert out.dtype == torch.float32 and out.is_contiguous()
     assert torch.allclose(out.double(), ref, rtol=0, atol=1e-5)
+    last = Augmenter(MEAN, STD, channels_last=True)(x, train=False)
+    assert last.is_contiguous(memory_format=torch.channels_last) and torch.equal(last, out)
     plain = Augmenter(MEAN, STD, channels_last=False, dtype=torch.bfloat16)(x, train=False)
     assert plain.dtype == torch.bfloat16 and plain.is_contiguous()
     assert torch.allclose(plain.double(), ref, rtol=1e-2, atol=1e-2)
@@ -127,6 +137,35 @@ def test_train_pipeline_equals_crop_flip_then_normalise():
     ref = [_naive_crop_flip(x[b].numpy(), int(offsets[b, 0]), int(offsets[b, 1]), bool(flips[b]), 4, "zeros")
            for b in range(64)]
     assert torch.equal(out, aug.normalize(torch.from_numpy(np.stack(ref))))
+
+
+@pytest.mark.parametrize("padding", [0, 1, 4])
+@pytest.mark.parametrize("with_flip", [False, True])
+@pytest.mark.parametrize("shape", [(32, 32), (7, 12)])
+def test_row_copy_crop_equals_the_gather_crop(padding, with_flip, shape):
+    g = torch.Generator().manual_seed(padding * 10 + with_flip)
+    data = torch.randint(0, 256, (40, 3, *shape), dtype=torch.uint8, generator=g)
+    index = torch.randperm(40, generator=g)[:25]
+    offsets = torch.randint(0, 2 * padding + 1, (25, 2), generator=g)
+    flips = torch.rand(25, generator=g) < 0.5 if with_flip else None
+    out = gather_crop_flip(data, index, offsets, flips, padding)
+    assert out.is_contiguous() and torch.equal(out, crop_flip(data[index], offsets, flips, padding))
+    assert torch.equal(gather_crop_flip(data[index], None, offsets, flips, padding), out)
+    # the extreme offsets: every row/column of the padding is reached
+    corners = torch.tensor([[0, 0], [2 * padding, 2 * padding], [0, 2 * padding], [2 * padding, 0]] * 6 + [[0, 0]])
+    assert torch.equal(gather_crop_flip(data, index, corners, flips, padding),
+                       crop_flip(data[index], corners, flips, padding))
+
+
+@pytest.mark.parametrize("options", [{}, {"padding_mode": "reflect"}, {"cutout": 6, "color_jitter": 0.2}])
+def test_batch_picked_by_index_equals_the_indexed_batch(options):
+    data = _images(48)
+    index = torch.randperm(48, generator=torch.Generator().manual_seed(1))[:20]
+    aug = Augmenter(MEAN, STD, **options)
+    a = aug(data, torch.Generator().manual_seed(3), index=index)
+    b = aug(data[index], torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == (20, 3, 32, 32)
+    assert torch.equal(aug(data, train=False, index=index), aug(data[index], train=False))
 
 
 def test_cutout_in_the_pipeline_equals_cutout_of_the_normalised_batch():

@@ -68,6 +68,60 @@ def crop_flip(
     return torch.gather(source.reshape(b, c, -1), 2, index).view(b, c, h, w)
 
 
+def gather_crop_flip(
+    source: torch.Tensor,
+    index: torch.Tensor | None,
+    offsets: torch.Tensor,
+    flip: torch.Tensor | None = None,
+    padding: int = 4,
+) -> torch.Tensor:
+    """``crop_flip(source[index], offsets, flip, padding)`` with zero padding, done row by row.
+
+    The same result as :func:`crop_flip` (zeros padding), computed with memory copies instead of
+    a per-pixel gather: the batch is copied once into a flat buffer (followed by a left-right
+    mirrored copy when ``flip`` is given), every output row of every channel is a run of W
+    consecutive bytes of that buffer (one ``index_select`` over overlapping windows), and the
+    pixels that fall into the padding are zeroed by one multiplication with a column mask.
+    Rows that fall into the padding read a block of zeros kept at the end of the buffer.
+    ``index`` (B,) picks the batch out of ``source`` (None: all of it). Contiguous NCHW result.
+    """
+    n, c, h, w = source.shape
+    dev = source.device
+    b = n if index is None else index.numel()
+    p = int(padding)
+    plane = b * c * h * w
+    planes = 1 if flip is None else 2
+    zeros_at = p + planes * plane  # w zeros (and the right-hand slack of p) after the images
+    buf = source.new_empty(zeros_at + w + p)
+    buf[:p].zero_()
+    buf[zeros_at:].zero_()
+    batch = buf[p : p + plane].view(b, c, h, w)
+    if index is None:
+        batch.copy_(source)
+    else:
+        torch.index_select(source, 0, index.to(device=dev, dtype=torch.long), out=batch)
+    offsets = offsets.to(device=dev, dtype=torch.long)
+    dy, dx = offsets[:, :1], offsets[:, 1:]
+    image = torch.arange(b, device=dev).view(b, 1)
+    if flip is not None:
+        flip = flip.to(dev).view(b, 1)
+        buf[p + plane : zeros_at].view(b, c, h, w).copy_(batch.flip(3))
+        # cropping and then mirroring = mirroring the padded image and cropping at 2p - dx
+        dx = torch.where(flip, 2 * p - dx, dx)
+        image = image + flip.long() * b
+    first_col = dx - p  # (B, 1), source column of output column 0 (of the mirrored image if flipped)
+    rows = dy - p + torch.arange(h, device=dev)  # (B, H), source rows
+    start = p + ((image * c * h + rows.clamp(0, h - 1)) * w + first_col).view(b, 1, h)
+    start = start + (torch.arange(c, device=dev) * (h * w)).view(1, c, 1)  # (B, C, H)
+    start = torch.where(((rows >= 0) & (rows < h)).view(b, 1, h), start, zeros_at)
+    windows = buf.as_strided((buf.numel() - w + 1, w), (1, 1))
+    out = windows.index_select(0, start.view(-1)).view(b, c, h, w)
+    if p:
+        cols = first_col + torch.arange(w, device=dev)  # (B, W)
+        out.mul_(((cols >= 0) & (cols < w)).to(out.dtype).view(b, 1, 1, w))
+    return out
+
+
 def _cutout_mask(shape, centres: torch.Tensor, size: int, device) -> torch.Tensor:
     b, _, h, w = shape
     top = centres[:, :1].to(device, torch.long) - size // 2
@@ -113,7 +167,9 @@ class Augmenter:
     """Batched augmentation and normalisation of uint8 images on their own device.
 
     ``augmenter(images_uint8, generator=None, train=True)`` returns a normalised float batch
-    ((x / 255 - mean) / std) of dtype ``dtype``, channels_last if asked. With ``train=True`` it
+    ((x / 255 - mean) / std) of dtype ``dtype``, NCHW-contiguous or channels_last if asked (a
+    channels_last model takes either: its first convolution reorders the 3-channel input for a
+    negligible cost, while producing channels_last here costs a transposing pass). With ``train=True`` it
     first applies, per image: a random crop of the image padded by ``crop_padding`` pixels (zeros
     or reflection), a horizontal flip with probability 1/2, colour jitter of strength
     ``color_jitter`` (factors uniform in [1 - s, 1 + s]) and cutout of a ``cutout`` x ``cutout``
@@ -131,7 +187,7 @@ class Augmenter:
         flip: bool = True,
         cutout: int = 0,
         color_jitter: float = 0.0,
-        channels_last: bool = True,
+        channels_last: bool = False,
         dtype: torch.dtype = torch.float32,
     ):
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
@@ -160,15 +216,23 @@ class Augmenter:
             f"color_jitter={self.color_jitter}, channels_last={self.channels_last}, dtype={self.dtype})"
         )
 
-    def _scale_shift(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """x * scale + shift == (x / 255 - mean) / std, as (1, 3, 1, 1) float32 tensors."""
-        if device not in self._consts:
+    def _scale_shift(self, device: torch.device, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x * scale + shift == (x / 255 - mean) / std, as float32 tensors of shape (1, 3, 1, 1).
+
+        With ``size`` (H, W), the same values repeated over a whole (1, 3, H, W) image: CPU
+        kernels vectorise an elementwise operation over contiguous same-shaped operands far
+        better than a per-channel broadcast (measured 5x faster on a 512-image batch).
+        """
+        key = (device, size)
+        if key not in self._consts:
             mean = torch.tensor(self.mean, dtype=torch.float64)
             std = torch.tensor(self.std, dtype=torch.float64)
-            scale = (1.0 / (255.0 * std)).float().view(1, 3, 1, 1).to(device)
-            shift = (-mean / std).float().view(1, 3, 1, 1).to(device)
-            self._consts[device] = (scale, shift)
-        return self._consts[device]
+            scale = (1.0 / (255.0 * std)).float().view(1, 3, 1, 1)
+            shift = (-mean / std).float().view(1, 3, 1, 1)
+            if size is not None:
+                scale, shift = (t.expand(1, 3, *size).contiguous() for t in (scale, shift))
+            self._consts[key] = (scale.to(device), shift.to(device))
+        return self._consts[key]
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """(x / 255 - mean) / std of uint8 images as float32, in one pass (memory layout kept)."""
@@ -176,18 +240,33 @@ class Augmenter:
         return torch.addcmul(shift, images, scale)  # uint8 promoted to float32 on the fly
 
     def __call__(
-        self, images: torch.Tensor, generator: torch.Generator | None = None, train: bool = True
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | None = None,
+        train: bool = True,
+        index: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The batch ``images[index]`` (all of ``images`` when ``index`` is None), augmented and normalised.
+
+        Passing the whole dataset with ``index`` lets the batch be gathered straight into the
+        augmentation's working buffer, saving a copy.
+        """
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ConfigError(f"Augmenter expects uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-        b, _, h, w = images.shape
+        _, _, h, w = images.shape
+        b = images.shape[0] if index is None else index.numel()
         dev = images.device
         if train and (self.crop_padding or self.flip):
             offsets = torch.full((b, 2), self.crop_padding, dtype=torch.long, device=dev)
             if self.crop_padding:
                 offsets = torch.randint(0, 2 * self.crop_padding + 1, (b, 2), generator=generator, device=dev)
             flips = torch.rand(b, generator=generator, device=dev) < 0.5 if self.flip else None
-            images = crop_flip(images, offsets, flips, self.crop_padding, self.padding_mode)
+            if self.padding_mode == "zeros":
+                images = gather_crop_flip(images, index, offsets, flips, self.crop_padding)
+            else:
+                images = crop_flip(self._select(images, index), offsets, flips, self.crop_padding, self.padding_mode)
+        else:
+            images = self._select(images, index)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         if train and self.color_jitter:
             s = self.color_jitter
@@ -199,7 +278,7 @@ class Augmenter:
         else:
             # normalise, convert and lay out in a single pass, straight into the output tensor
             x = torch.empty(images.shape, dtype=self.dtype, device=dev, memory_format=fmt)
-            scale, shift = self._scale_shift(dev)
+            scale, shift = self._scale_shift(dev, (h, w))
             torch.addcmul(shift, images, scale, out=x)
         if train and self.cutout:
             centres = torch.stack(
@@ -211,6 +290,10 @@ class Augmenter:
             )
             x.masked_fill_(_cutout_mask(x.shape, centres, self.cutout, dev), 0.0)
         return x
+
+    @staticmethod
+    def _select(images: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        return images if index is None else images.index_select(0, index.to(device=images.device, dtype=torch.long))
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
