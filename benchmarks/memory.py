@@ -4,7 +4,8 @@
    memory of a training step in each mode, each measured in a fresh child process
    (``densenet bench --mode train``, 1 warm-up + 2 steps; CPU: peak RSS, and the RSS just before
    the first step so that the steps' own memory can be read), and the time per step of both
-   modes, interleaved in this process (same weights, same batch), median of the rounds.
+   modes: each round one fresh process per mode (alternating), each mode by default with the
+   malloc policy ``densenet train`` gives it; median of the rounds.
 2. Depth sweep: densenet-bc-L-12 for several L (batch 16 by default), peak memory of both modes
    (child processes as above), as a table and a plot (PNG). Standard mode keeps every layer's
    concatenation and BN/ReLU maps, whose size grows with the layer's depth, so its memory grows
@@ -16,19 +17,15 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
-import torch.nn.functional as F
 
 from densenet.bench import cpu_name, set_malloc_policy
-from densenet.models import create_model
 
 
 def child_peak(model: str, batch: int, efficient: bool, threads: int | None, allocator: str = "default") -> dict:
@@ -48,41 +45,36 @@ def child_peak(model: str, batch: int, efficient: bool, threads: int | None, all
             "steps_mb": r["rss_peak_mb"] - r["rss_before_mb"], "ms_per_step": r["ms_per_step"]}
 
 
-def interleaved_step_times(model_name: str, batch: int, rounds: int) -> dict:
-    """Seconds per training step of both modes, alternating, from the same weights and batch."""
-    torch.manual_seed(0)
-    standard = create_model(model_name).train().to(memory_format=torch.channels_last)
-    efficient = copy.deepcopy(standard).set_memory_efficient(True)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,), generator=gen)
-    runs = {}
-    for name, model in (("standard", standard), ("efficient", efficient)):
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=True)
+TRAIN_POLICY = {"standard": "retain", "efficient": "retain"}  # what `densenet train` sets (train.run)
 
-        def step(model=model, opt=opt) -> None:
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
 
-        runs[name] = step
-    for step in runs.values():
-        step()
-    wall = {name: [] for name in runs}
-    cpu = {name: [] for name in runs}
+def child_step_times(model: str, batch: int, rounds: int, steps: int, threads: int | None,
+                     allocators: dict[str, str]) -> dict:
+    """Seconds per training step of both modes, each round one fresh ``densenet bench`` process per mode.
+
+    Fresh processes, because glibc's malloc adapts its thresholds to what a process has freed
+    before: timing both modes in one process makes the second depend on the first. The modes
+    alternate round by round; a round's figure is the median of its process's steps (after one
+    warm-up step). ``allocators`` gives each mode's malloc policy.
+    """
+    times: dict[str, list[float]] = {"standard": [], "efficient": []}
     for _ in range(rounds):
-        for name, step in runs.items():
-            w, c = time.perf_counter(), time.process_time()
-            step()
-            wall[name].append(time.perf_counter() - w)
-            cpu[name].append(time.process_time() - c)
-    out = {}
-    for clock, times in (("wall", wall), ("cpu", cpu)):
-        med = {name: statistics.median(ts) for name, ts in times.items()}
-        paired = statistics.median(e / s for e, s in zip(times["efficient"], times["standard"]))
-        out[clock] = {"s_per_step": med, "extra_time_of_medians": med["efficient"] / med["standard"] - 1,
-                      "extra_time_median_paired": paired - 1, "rounds": times}
-    return out
+        for mode in times:
+            cmd = [sys.executable, "-m", "densenet", "bench", "--model", model, "--mode", "train", "--batch-size",
+                   str(batch), "--device", "cpu", "--steps", str(steps), "--warmup", "1", "--json", "--no-memory",
+                   "--allocator", allocators[mode]]
+            if mode == "efficient":
+                cmd.append("--memory-efficient")
+            if threads:
+                cmd += ["--threads", str(threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode:
+                raise SystemExit(f"child failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+            times[mode].append(json.loads(proc.stdout)["ms_per_step"] / 1000)
+    med = {mode: statistics.median(ts) for mode, ts in times.items()}
+    paired = statistics.median(e / s for e, s in zip(times["efficient"], times["standard"]))
+    return {"s_per_step": med, "extra_time_of_medians": med["efficient"] / med["standard"] - 1,
+            "extra_time_median_paired": paired - 1, "rounds": times, "allocators": allocators, "steps": steps}
 
 
 def plot_sweep(rows: list[dict], path: str) -> None:
@@ -119,6 +111,10 @@ def main() -> None:
     parser.add_argument("--plot", default=None, help="PNG path for the depth-sweep plot")
     parser.add_argument("--json", default=None, help="write all results to this JSON file")
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per timing process (after 1 warm-up)")
+    parser.add_argument("--timing-allocators", choices=("train", "same"), default="train",
+                        help="train: each mode with the malloc policy `densenet train` gives it (retain for both since "
+                             "2026-11-22); same: both with --allocator")
     parser.add_argument("--allocator", choices=("default", "retain", "release"), default="default",
                         help="glibc malloc policy of the children and of the timing (densenet.bench.set_malloc_policy)")
     args = parser.parse_args()
@@ -134,19 +130,22 @@ def main() -> None:
           f"load average {results['load_average']}, malloc policy {args.allocator}", flush=True)
 
     print("| model | batch | standard peak RSS (steps) MiB | efficient peak RSS (steps) MiB | steps' memory "
-          "efficient/standard | extra time (wall, paired median) | extra time (CPU, paired median) |")
-    print("|---|---|---|---|---|---|---|", flush=True)
+          "efficient/standard | standard ms/step | efficient ms/step | extra time (of medians) | extra time (paired median) |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
     for name in [m for m in args.models.split(",") if m]:
         std = child_peak(name, args.batch, False, args.threads, args.allocator)
         eff = child_peak(name, args.batch, True, args.threads, args.allocator)
         row = {"batch": args.batch, "standard": std, "efficient": eff,
                "memory_ratio_steps": eff["steps_mb"] / std["steps_mb"], "memory_ratio_peak": eff["peak_mb"] / std["peak_mb"]}
         if not args.skip_timing:
-            row["time"] = interleaved_step_times(name, args.batch, rounds)
+            policies = (TRAIN_POLICY if args.timing_allocators == "train"
+                        else {"standard": args.allocator, "efficient": args.allocator})
+            row["time"] = child_step_times(name, args.batch, rounds, args.steps, args.threads, policies)
         results["models"][name] = row
         t = row.get("time")
-        extra = (f"{100 * t['wall']['extra_time_median_paired']:+.1f}% | {100 * t['cpu']['extra_time_median_paired']:+.1f}%"
-                 if t else "- | -")
+        extra = (f"{1000 * t['s_per_step']['standard']:,.0f} | {1000 * t['s_per_step']['efficient']:,.0f} | "
+                 f"{100 * t['extra_time_of_medians']:+.1f}% | {100 * t['extra_time_median_paired']:+.1f}%"
+                 if t else "- | - | - | -")
         print(f"| {name} | {args.batch} | {std['peak_mb']:,.0f} ({std['steps_mb']:,.0f}) | "
               f"{eff['peak_mb']:,.0f} ({eff['steps_mb']:,.0f}) | {row['memory_ratio_steps']:.2f} "
               f"(whole process {row['memory_ratio_peak']:.2f}) | {extra} |", flush=True)
