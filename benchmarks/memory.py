@@ -28,11 +28,11 @@ import torch
 from densenet.bench import cpu_name, set_malloc_policy
 
 
-def child_peak(model: str, batch: int, efficient: bool, threads: int | None, allocator: str = "default") -> dict:
-    """Peak memory of 1 warm-up + 2 training steps in a fresh process (``densenet bench``)."""
+def bench_child(model: str, batch: int, efficient: bool, threads: int | None, allocator: str,
+                extra: list[str]) -> dict:
+    """The JSON of ``densenet bench --mode train`` for ``model`` run in a fresh process."""
     cmd = [sys.executable, "-m", "densenet", "bench", "--model", model, "--mode", "train", "--batch-size",
-           str(batch), "--device", "cpu", "--steps", "2", "--warmup", "1", "--json", "--_child",
-           "--allocator", allocator]
+           str(batch), "--device", "cpu", "--warmup", "1", "--json", "--allocator", allocator, *extra]
     if efficient:
         cmd.append("--memory-efficient")
     if threads:
@@ -40,7 +40,12 @@ def child_peak(model: str, batch: int, efficient: bool, threads: int | None, all
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode:
         raise SystemExit(f"child failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
-    r = json.loads(proc.stdout)
+    return json.loads(proc.stdout)
+
+
+def child_peak(model: str, batch: int, efficient: bool, threads: int | None, allocator: str = "default") -> dict:
+    """Peak memory of 1 warm-up + 2 training steps in a fresh process (``densenet bench``)."""
+    r = bench_child(model, batch, efficient, threads, allocator, ["--steps", "2", "--_child"])
     return {"peak_mb": r["rss_peak_mb"], "before_mb": r["rss_before_mb"],
             "steps_mb": r["rss_peak_mb"] - r["rss_before_mb"], "ms_per_step": r["ms_per_step"]}
 
@@ -60,17 +65,9 @@ def child_step_times(model: str, batch: int, rounds: int, steps: int, threads: i
     times: dict[str, list[float]] = {"standard": [], "efficient": []}
     for _ in range(rounds):
         for mode in times:
-            cmd = [sys.executable, "-m", "densenet", "bench", "--model", model, "--mode", "train", "--batch-size",
-                   str(batch), "--device", "cpu", "--steps", str(steps), "--warmup", "1", "--json", "--no-memory",
-                   "--allocator", allocators[mode]]
-            if mode == "efficient":
-                cmd.append("--memory-efficient")
-            if threads:
-                cmd += ["--threads", str(threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if proc.returncode:
-                raise SystemExit(f"child failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
-            times[mode].append(json.loads(proc.stdout)["ms_per_step"] / 1000)
+            r = bench_child(model, batch, mode == "efficient", threads, allocators[mode],
+                            ["--steps", str(steps), "--no-memory"])
+            times[mode].append(r["ms_per_step"] / 1000)
     med = {mode: statistics.median(ts) for mode, ts in times.items()}
     paired = statistics.median(e / s for e, s in zip(times["efficient"], times["standard"]))
     return {"s_per_step": med, "extra_time_of_medians": med["efficient"] / med["standard"] - 1,
