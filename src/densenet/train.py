@@ -736,7 +736,8 @@ class _Trainer:
             self.data["train"].mean, self.data["train"].std, crop_padding=c.crop_padding, flip=c.flip,
             cutout=c.cutout, color_jitter=c.color_jitter,
             # NCHW batches even for a channels_last model: its stem convolution reorders the 3-channel
-            # input for next to nothing (train steps measured equal), the Augmenter's transposing pass not
+            # input for next to nothing (train steps measured equal), while a channels_last batch would
+            # cost the Augmenter a transposing pass
         )
         # the data goes to the device once, as uint8
         self.train_images = self.data["train"].images.to(device)
@@ -1335,8 +1336,9 @@ def run(args) -> int:
     config = config_from_args(args)
     validate(config)
     # CPU tensors: keep freed memory for the next step instead of faulting it in again page by page.
-    # Measured (docs/BENCHMARKS.md): the memory-efficient mode's steps took 1.6-1.7x the standard
-    # mode's under glibc's default policy, 1.1-1.25x with this one, for a few percent more peak memory.
+    # Measured (docs/BENCHMARKS.md): under glibc's default policy the memory-efficient mode's steps
+    # took 1.6-1.7x the standard mode's, with this one 1.1-1.25x, for 20% more peak memory (still
+    # under half the standard mode's).
     from densenet.bench import set_malloc_policy
 
     set_malloc_policy("retain")
