@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -28,6 +27,7 @@ from densenet import train as T
 from densenet.augment import epoch_batches
 from densenet.errors import ConfigError
 from densenet.weights import load_checkpoint
+from helpers import coloured_image_folder
 
 CLASSES = ("blue", "green", "red")
 TRAIN_PER_CLASS, TEST_PER_CLASS = 33, 7
@@ -62,19 +62,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def make_image_folder(root: Path, seed=0) -> Path:
-    """Class-coloured noise images (32x32 PNG) in train/<class>/ and test/<class>/."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    colours = {"blue": (30, 30, 200), "green": (30, 200, 30), "red": (200, 30, 30)}
-    for split, n in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
-        for name in CLASSES:
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                pixels = rng.integers(0, 90, (32, 32, 3)) + np.array(colours[name]) * rng.uniform(0.4, 1.0)
-                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
-    return root
+    return coloured_image_folder(root, (TRAIN_PER_CLASS, TEST_PER_CLASS), seed)
 
 
 def train_args(data: Path, out: Path, *extra: str, epochs: int = 2) -> list[str]:

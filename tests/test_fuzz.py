@@ -45,6 +45,7 @@ from densenet.errors import DataError, DenseNetError, ImageError, WeightsError
 from densenet.models import create_model
 from densenet.predict import image_to_tensor, load_image, predict
 from densenet.weights import load_model, make_meta, save_checkpoint, save_model
+from helpers import add_to_reliability_summary
 
 EXAMPLES = int(os.environ.get("DENSENET_FUZZ_EXAMPLES") or 100)
 DEADLINE = float(os.environ.get("DENSENET_FUZZ_DEADLINE") or 60)
@@ -98,15 +99,7 @@ def record(target: str, outcome: str) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def _summary():
     yield
-    path = os.environ.get("DENSENET_RELIABILITY_JSON")
-    if path:
-        merge_summary(Path(path), "fuzz", {t: dict(c) for t, c in STATS.items()})
-
-
-def merge_summary(path: Path, section: str, data: dict) -> None:
-    summary = json.loads(path.read_text()) if path.is_file() else {}
-    summary.setdefault(section, {}).update(data)
-    path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    add_to_reliability_summary("fuzz", {t: dict(c) for t, c in STATS.items()})
 
 
 @pytest.fixture(scope="module")

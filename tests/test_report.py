@@ -16,20 +16,13 @@ import pytest
 from PIL import Image
 
 from densenet.cli import main
+from helpers import channel_image_folder
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def make_image_folder(root: Path, per_class=(16, 4)) -> Path:
-    rng = np.random.default_rng(0)
-    for split, n in zip(("train", "test"), per_class):
-        for c, name in enumerate(("cat", "dog", "ship")):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                pixels = rng.integers(0, 60, (32, 32, 3)) + 90 * np.eye(3, dtype=np.int64)[c]
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
-    return root
+    return channel_image_folder(root, per_class, ("cat", "dog", "ship"))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,20 +14,11 @@ from densenet.errors import ConfigError
 from densenet.models import count_parameters, create_model
 from densenet.sweep import DONE_MARKER, parse_values, sweep, variant_model
 from densenet.weights import load_checkpoint, load_model
+from helpers import channel_image_folder
 
 
 def make_image_folder(root: Path, per_class=(16, 4)) -> Path:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, n in zip(("train", "test"), per_class):
-        for c, name in enumerate(("a", "b", "c")):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                pixels = rng.integers(0, 60, (32, 32, 3)) + 90 * np.eye(3, dtype=np.int64)[c]
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
-    return root
+    return channel_image_folder(root, per_class, ("a", "b", "c"))
 
 
 @pytest.fixture(scope="module")
