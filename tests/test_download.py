@@ -252,5 +252,5 @@ def test_existing_archive_with_a_wrong_md5_is_replaced(server, tmp_path, monkeyp
 def test_unwritable_data_dir_is_a_one_line_error(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a directory")
-    assert main(["download", "--data-dir", str(blocker / "data"), "--url", "http://127.0.0.1:9/"]) == 2
+    assert main(["download", "--data-dir", str(blocker / "data"), "--url", "http://127.0.0.1:9/"]) == 1  # the machine refused (errors.py)
     assert "error: cannot create the data directory" in capsys.readouterr().err

@@ -18,23 +18,13 @@ from densenet.evaluate import align_classes, evaluate
 from densenet.predict import predict
 from densenet.train import train
 from densenet.weights import load_model
+from helpers import coloured_image_folder
 
 CLASSES = ("blue", "green", "red")
-COLOURS = {"blue": (30, 30, 200), "green": (30, 200, 30), "red": (200, 30, 30)}
 
 
 def make_image_folder(root: Path, per_class=(32, 10), seed=0) -> Path:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for split, n in zip(("train", "test"), per_class):
-        for name in CLASSES:
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                pixels = rng.integers(0, 90, (32, 32, 3)) + np.array(COLOURS[name]) * rng.uniform(0.4, 1.0)
-                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
-    return root
+    return coloured_image_folder(root, per_class, seed)
 
 
 @pytest.fixture(scope="module")
@@ -202,15 +192,15 @@ def test_predict_cli_keeps_going_past_a_bad_file(trained, tmp_path, capsys):
     files = write_images(tmp_path / "img")
     argv = ["predict", "--weights", str(weights), str(files["png"]), str(files["corrupt"]), str(files["gray"]),
             str(tmp_path / "missing.png"), "--topk", "3", "--json"]
-    assert cli.main(argv) == 1
+    assert cli.main(argv) == 2  # unreadable images are bad input: exit 2, after the readable ones
     captured = capsys.readouterr()
     rows = json.loads(captured.out)
     assert [Path(r["source"]).name for r in rows] == ["a.png", "z.jpg", "c.png", "missing.png"]
     assert "error" in rows[1] and "error" in rows[3]
     assert len(rows[0]["top"]) == 3 and len(rows[2]["top"]) == 3
     assert "z.jpg" in captured.err and "missing.png: no such file" in captured.err
-    # a directory is expanded to its images; text output, exit 1 because of the corrupt file
-    assert cli.main(["predict", "--weights", str(weights), str(tmp_path / "img")]) == 1
+    # a directory is expanded to its images; text output, exit 2 because of the corrupt file
+    assert cli.main(["predict", "--weights", str(weights), str(tmp_path / "img")]) == 2
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 7 and lines[-1].endswith("z.jpg: ERROR " + rows[1]["error"])
     assert cli.main(["predict", "--weights", str(weights), str(files["png"]), "--topk", "0"]) == 2

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,6 +12,7 @@ from densenet.cli import main
 from densenet.models import count_parameters, create_model, describe_models, list_models, model_from_config
 from densenet.resnet import ResNet
 from densenet.weights import load_model, save_model
+from helpers import channel_image_folder
 
 PARAMS = {"resnet18-cifar": 11_173_962, "resnet34-cifar": 21_282_122, "resnet50-cifar": 23_520_842}
 LAYERS = {"resnet18-cifar": ("basic", [2, 2, 2, 2]), "resnet34-cifar": ("basic", [3, 4, 6, 3]),
@@ -96,17 +96,7 @@ def test_weights_round_trip_gives_the_same_outputs(tmp_path):
 
 
 def make_image_folder(root: Path, per_class=(8, 4)) -> Path:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, n in zip(("train", "test"), per_class):
-        for c, name in enumerate(("a", "b", "c")):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                pixels = rng.integers(0, 60, (32, 32, 3)) + 90 * np.eye(3, dtype=np.int64)[c]
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
-    return root
+    return channel_image_folder(root, per_class, ("a", "b", "c"))
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +148,9 @@ def test_compare_matches_analyze_and_the_run(resnet_run, tmp_path, capsys):
     assert rows["resnet18-cifar"]["train_memory_mb"] > 3 * 4 * rows["resnet18-cifar"]["params"] / 2**20
     assert rows["resnet18-cifar"]["peak_rss_mb"] > rows["resnet18-cifar"]["baseline_rss_mb"]
     table = (out / "compare.md").read_text()
-    assert "| resnet18-cifar | 11,170,371 | 0.555 |" in table
+    # 3 classes: the 10-class count less 7 rows of the 512-feature classifier and 7 biases
+    params, macs = PARAMS["resnet18-cifar"] - 7 * 512 - 7, expected_macs(*LAYERS["resnet18-cifar"], classes=3)
+    assert f"| resnet18-cifar | {params:,} | {macs / 1e9:.3f} |" in table
     assert f"| {100 * meta['training']['final_test_acc']:.2f}% |" in table
     assert json.loads((out / "compare.json").read_text()) == list(rows.values())
     assert (out / "compare.png").stat().st_size > 10_000

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,14 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from densenet.errors import ConfigError, DenseNetError
+from densenet.runtime import ALLOCATORS, cpu_name, peak_rss_mb, set_malloc_policy
 
 __all__ = ["auto_settings", "run_benchmark", "format_result", "cpu_name", "set_malloc_policy",
-           "retain_freed_memory",
            "add_arguments", "run"]
 
 MODES = ("train", "infer")
 AMPS = ("auto", "none", "bf16", "fp16")
-ALLOCATORS = ("default", "retain", "release")
 CHILD_STEPS, CHILD_WARMUP = 2, 1
 
 
@@ -57,52 +54,6 @@ def auto_settings(device: torch.device) -> dict[str, Any]:
     return {"amp": "none", "channels_last": True, "optimized": True, "compile": False}
 
 
-def set_malloc_policy(policy: str) -> bool:
-    """Set glibc malloc's policy for big blocks, process-wide; returns False where unavailable.
-
-    ``retain``: keep freed memory for reuse. Big tensors are otherwise handed back to the kernel
-    when freed and faulted in again, page by page, when the next step allocates them: faster,
-    but the resident memory stays at its peak.
-    ``release``: give every block of 64 KiB or more back to the kernel as soon as it is freed,
-    so that the resident memory follows the memory actually in use (glibc's default raises this
-    threshold as big blocks are freed, and then freed memory can stay resident, fragmented).
-    ``default``: leave glibc's adaptive behaviour alone.
-    """
-    if policy not in ALLOCATORS:
-        raise ConfigError(f"allocator policy must be one of {', '.join(ALLOCATORS)}, got {policy!r}")
-    if policy == "default":
-        return True
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        if policy == "retain":
-            return bool(libc.mallopt(m_trim_threshold, 2**30)) and bool(libc.mallopt(m_mmap_threshold, 2**30))
-        return bool(libc.mallopt(m_mmap_threshold, 64 * 2**10)) and bool(libc.mallopt(m_trim_threshold, 128 * 2**10))
-    except (OSError, AttributeError):
-        return False
-
-
-def retain_freed_memory() -> bool:
-    """``set_malloc_policy("retain")``."""
-    return set_malloc_policy("retain")
-
-
-def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -114,31 +65,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB.
-
-    On Linux this is ``VmHWM`` of /proc/self/status: ``ru_maxrss`` would do, except that Linux
-    carries the parent's peak over into a child across fork and exec, so a child started by a
-    big process would report at least the parent's size. Elsewhere ``ru_maxrss`` (macOS: bytes).
-    """
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**10  # kB
-    except (OSError, ValueError, IndexError):
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
 def _current_rss_mb() -> float:
     """Resident set size now, in MiB (the peak so far where /proc is missing)."""
     try:
         with open("/proc/self/statm", encoding="ascii") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError, IndexError):
-        return _peak_rss_mb()
+        return peak_rss_mb()
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -169,8 +102,8 @@ def _settings(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark described by parsed ``densenet bench`` arguments; returns the result dict."""
     from densenet.analysis import default_input_size
-    from densenet.evaluate import autocast, resolve_device
     from densenet.models import create_model, optimize_for_inference
+    from densenet.runtime import autocast, resolve_device
 
     _check(args)
     if args.threads:
@@ -263,7 +196,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         result["peak_memory_kind"] = "torch.cuda.max_memory_allocated over the timed steps"
     else:
         result["rss_before_mb"] = rss_before
-        result["rss_peak_mb"] = _peak_rss_mb()
+        result["rss_peak_mb"] = peak_rss_mb()
     return result
 
 

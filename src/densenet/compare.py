@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from densenet.errors import ConfigError, DenseNetError
+from densenet.errors import ConfigError, DenseNetError, ResourceError
 
 __all__ = ["measure_model", "compare", "format_table", "add_arguments", "run"]
 
@@ -80,8 +80,9 @@ def _measure_here(spec: dict[str, Any]) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from densenet.analysis import default_input_size
-    from densenet.evaluate import fast_inference_model, resolve_device
+    from densenet.evaluate import fast_inference_model
     from densenet.models import model_from_config
+    from densenet.runtime import resolve_device
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
@@ -308,8 +309,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densenet.evaluate import resolve_device
     from densenet.plots import plot_comparison
+    from densenet.runtime import resolve_device
     from densenet.weights import atomic_write_text
 
     if args.threads is not None and args.threads < 1:
@@ -326,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_text(out / "compare.json", json.dumps(rows, indent=2) + "\n")
         plot_comparison(rows, out / "compare.png")
     except OSError as exc:
-        raise ConfigError(f"cannot write to {out}: {exc.strerror or exc} (use --out DIR)") from None
+        raise ResourceError(f"cannot write to {out}: {exc.strerror or exc} (use --out DIR)") from None
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

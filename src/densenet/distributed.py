@@ -166,7 +166,7 @@ def setup(device_name: str | None, timeout: float = DEFAULT_TIMEOUT) -> Context:
     ``device_name`` is the ``--device`` value: under a launcher ``auto`` and ``cuda`` mean
     ``cuda:LOCAL_RANK`` (backend nccl), ``cpu`` or ``auto`` without CUDA the CPU (backend gloo).
     """
-    from densenet.evaluate import resolve_device
+    from densenet.runtime import resolve_device
 
     ranks = env_ranks()
     if ranks is None:

@@ -22,7 +22,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from densenet.data import LAYOUTS, OFFICIAL_MD5, PRETTY, file_md5, resolve_data_dir
-from densenet.errors import DataError
+from densenet.errors import DataError, ResourceError
 
 BASE_URL = "https://www.cs.toronto.edu/~kriz/"
 
@@ -168,7 +168,7 @@ def download(
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"cannot create the data directory {root}: {exc.strerror or exc}") from None
+        raise ResourceError(f"cannot create the data directory {root}: {exc.strerror or exc}") from None
     expected = (expected_md5 or ARCHIVES[name]["md5"]).lower()
     archive = root / ARCHIVES[name]["filename"]
     target = root / _folder(name)
@@ -179,7 +179,7 @@ def download(
         try:
             return extract(archive, name, target)
         except OSError as exc:
-            raise DataError(f"cannot write to {root}: {exc.strerror or exc}") from None
+            raise ResourceError(f"cannot write to {root}: {exc.strerror or exc}") from None
     if not archive.exists() and expected_md5 is None and is_complete(name, target, check_md5=True):
         return target
 
@@ -199,7 +199,7 @@ def download(
         extract(part, name, target, label=source)
         os.replace(part, archive)
     except OSError as exc:  # creating the temporary file or directory, moving into place
-        raise DataError(f"cannot write to {root}: {exc.strerror or exc}") from None
+        raise ResourceError(f"cannot write to {root}: {exc.strerror or exc}") from None
     finally:
         if part is not None:
             part.unlink(missing_ok=True)

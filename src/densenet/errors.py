@@ -2,7 +2,14 @@
 
 Every problem a user can cause (missing or corrupt data, wrong weights, unreadable images, bad
 settings) is raised as a :class:`DenseNetError` subclass with a one-line message. The command line
-prints that message and exits with status 2; it never shows a traceback for them.
+prints that message and never shows a traceback. Exit statuses, one rule for every command:
+
+- 2: the input is at fault (flags, settings, data, weights, images): every DenseNetError but
+  ResourceError;
+- 1: the machine refused (:class:`ResourceError`, or an OSError/MemoryError the command did not
+  expect): an output that cannot be written (read-only, disk full, a file in the way) or memory
+  that ran out;
+- 130: interrupted by Ctrl-C; 143: ``densenet train`` stopped by SIGTERM after saving a checkpoint.
 """
 
 
@@ -26,3 +33,10 @@ class ImageError(DenseNetError):
 
 class ConfigError(DenseNetError):
     """Settings that contradict each other or name something that does not exist."""
+
+
+class ResourceError(DenseNetError):
+    """The machine refused: an output cannot be written (read-only, disk full, a file in the way) or
+    memory ran out. The input may be fine; exit status 1."""
+
+    exit_code = 1

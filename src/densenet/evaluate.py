@@ -7,7 +7,6 @@ report (or JSON) and writes ``confusion.json`` and ``confusion.png``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import sys
@@ -16,36 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from densenet.errors import ConfigError, DataError
-
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(name: str | torch.device | None) -> torch.device:
-    """``auto`` (or None) is CUDA when present, else the CPU; asking for CUDA without it is an error."""
-    if isinstance(name, torch.device):
-        return name
-    name = (name or "auto").strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name} asked for, but no CUDA device is available (use cpu or auto)")
-    elif name != "cpu":
-        raise ConfigError(f"unknown device {name!r}; choose auto, cpu or cuda")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"invalid device {name!r}: {exc}") from None
-
-
-def autocast(device: torch.device, amp: str):
-    """An autocast context for ``amp`` (``none``, ``bf16`` or ``fp16``); a null context for none."""
-    if amp not in AMP_DTYPES:
-        raise ConfigError(f"unknown --amp {amp!r}; choose none, bf16 or fp16")
-    if AMP_DTYPES[amp] is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+from densenet.errors import ConfigError, DataError, ResourceError
+from densenet.runtime import AMP_DTYPES, autocast, resolve_device  # noqa: F401  (re-exported)
 
 
 def fast_inference_model(model: torch.nn.Module, device: torch.device, amp: str = "none") -> torch.nn.Module:
@@ -219,7 +190,7 @@ def run(args) -> int:
                   f"(top-1 {100 * result['top1']:.2f}%)",
         )
     except OSError as exc:
-        raise ConfigError(f"cannot write the confusion matrix to {out}: {exc.strerror or exc} (use --out DIR)") from None
+        raise ResourceError(f"cannot write the confusion matrix to {out}: {exc.strerror or exc} (use --out DIR)") from None
     result["files"] = [str(out / "confusion.json"), str(out / "confusion.png")]
 
     if args.json:

@@ -4,8 +4,8 @@
 ``metadata_props``, everything needed to use it (see :func:`onnx_metadata`): the class names, the
 input size, the per-channel mean and std of the preprocessing, the model config and a format
 version. :func:`load_onnx_model` reads such a file and returns ``(model, meta)`` like
-:func:`densenet.weights.load_model`: ``model`` is a :class:`OnnxModel`, a parameter-free
-``torch.nn.Module`` whose forward runs the graph in ONNX Runtime, so evaluation and prediction code
+:func:`densenet.weights.load_model`: ``model`` is a :class:`OnnxModel`, a ``torch.nn.Module``
+(whose only parameter is an empty device marker) whose forward runs the graph in ONNX Runtime, so evaluation and prediction code
 written for PyTorch models runs it unchanged.
 
 Only ``onnxruntime`` is needed to run a graph; exporting also needs ``onnx`` and ``onnxscript``.

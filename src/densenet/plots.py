@@ -1,6 +1,7 @@
-"""Pictures: training curves and confusion matrices, drawn with matplotlib's Agg backend.
+"""Pictures drawn with matplotlib's Agg backend: training curves, confusion matrices, feature-reuse
+heat maps, model comparisons and sweeps.
 
-Both functions write a PNG file and return its path; they never open a window.
+Every ``plot_*`` function writes a PNG file (atomically) and returns its path; none opens a window.
 """
 
 from __future__ import annotations

@@ -95,7 +95,8 @@ def predict(
     raises :class:`ImageError` naming it.
     """
     from densenet.augment import Augmenter
-    from densenet.evaluate import fast_inference_model, resolve_device
+    from densenet.evaluate import fast_inference_model
+    from densenet.runtime import resolve_device
 
     meta = meta or getattr(model, "meta", None)
     if not meta:
@@ -171,7 +172,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from densenet.evaluate import resolve_device
+    from densenet.runtime import resolve_device
     from densenet.weights import load_model
 
     if args.topk < 1:
@@ -210,4 +211,4 @@ def run(args) -> int:
             else:
                 best = ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in row["top"])
                 print(f"{row['source']}: {best}")
-    return 1 if failures else 0
+    return 2 if failures else 0  # bad input (errors.py): the readable images are still predicted

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from densenet.errors import ConfigError, DenseNetError
+from densenet.errors import ConfigError, DenseNetError, ResourceError
 
 __all__ = ["read_run", "build_report", "add_arguments", "run"]
 
@@ -304,7 +304,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densenet.evaluate import resolve_device
+    from densenet.runtime import resolve_device
     from densenet.weights import atomic_write_text
 
     device = resolve_device(args.device)
@@ -312,6 +312,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         atomic_write_text(args.out, page)
     except OSError as exc:
-        raise ConfigError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+        raise ResourceError(f"cannot write {args.out}: {exc.strerror or exc}") from None
     print(f"wrote {args.out} ({len(page.encode('utf-8')) / 1e6:.2f} MB, {len(args.run_dirs)} run(s))")
     return 0

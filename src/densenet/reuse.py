@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from densenet.errors import ConfigError
+from densenet.errors import ConfigError, ResourceError
 
 __all__ = ["feature_reuse", "format_feature_reuse", "run_analyze"]
 
@@ -165,7 +165,7 @@ def run_analyze(args) -> int:
         atomic_write_text(out / "feature_reuse.json", json.dumps(data, indent=2) + "\n")
         plot_feature_reuse(data, out / "feature_reuse.png")
     except OSError as exc:
-        raise ConfigError(f"cannot write the feature-reuse map to {out}: {exc.strerror or exc} (use --out DIR)") from None
+        raise ResourceError(f"cannot write the feature-reuse map to {out}: {exc.strerror or exc} (use --out DIR)") from None
     data["files"] = [str(out / "feature_reuse.json"), str(out / "feature_reuse.png")]
     if args.json:
         json.dump(data, sys.stdout, indent=2)

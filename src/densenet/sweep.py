@@ -3,9 +3,9 @@
 ``densenet sweep --param growth_rate --values 8,12,24,32 [--out DIR] [train flags]`` trains the
 model (``--model``, else the recipe's, else densenet121-cifar) once per value, one run after the
 other, through :func:`densenet.train.train` with the same training settings; each run has its own
-run directory ``DIR/<param>-<value>``. Then it writes ``sweep.md`` and ``sweep.json`` (a table of
-parameters, MACs and test accuracy per value) and ``sweep.png`` (accuracy against parameters and
-against MACs).
+run directory ``DIR/<param>-<value>``. ``sweep.json`` records the sweep's settings when it starts;
+at the end it writes ``sweep.md`` and ``sweep-results.json`` (a table of parameters, MACs and test
+accuracy per value) and ``sweep.png`` (accuracy against parameters and against MACs).
 
 A sweep is resumable: running the same command again skips the finished runs (those with a
 ``sweep-done.json`` marker, or final weights that say they finished), resumes an interrupted one
@@ -36,7 +36,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from densenet.errors import ConfigError
+from densenet.errors import ConfigError, ResourceError
 
 __all__ = ["parse_values", "variant_model", "sweep", "format_table", "add_arguments", "run"]
 
@@ -185,7 +185,7 @@ def sweep(param: str, values: list[int | float], settings: dict[str, Any] | None
         out.mkdir(parents=True, exist_ok=True)
         _check_sweep_file(out, {"model": base.model, "param": param, "values": list(values), "settings": shared})
     except OSError as exc:
-        raise ConfigError(f"cannot write the sweep directory {out}: {exc.strerror or exc}") from None
+        raise ResourceError(f"cannot write the sweep directory {out}: {exc.strerror or exc}") from None
 
     stopped = ""
     for i, (value, name) in enumerate(zip(values, names), start=1):
