@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,7 +78,7 @@ def exported(weights_dir, tmp_path_factory) -> tuple[Path, dict]:
 @pytest.fixture(scope="module")
 def exported_static(weights_dir, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("onnx") / "static.onnx"
-    report = export_onnx(weights_dir, out, data_dir=weights_dir / "no-data", check_count=8)
+    report = export_onnx(weights_dir, out, dynamic_batch=False, data_dir=weights_dir / "no-data", check_count=8)
     return out, report
 
 
@@ -187,6 +188,23 @@ def test_cli_export_prints_the_checks(weights_dir, tmp_path, capsys):
     assert f"wrote {out}" in text and "opset 18, dynamic batch, dynamo exporter" in text
     assert "onnx.checker: passed" in text
     assert "on 8 synthetic images (seed 0; no test data" in text and "top-1 identical on 8/8" in text
+
+
+def test_cli_export_is_dynamic_by_default_and_fixed_on_request(weights_dir, tmp_path, capsys):
+    import onnxruntime as ort
+
+    common = ["--weights", str(weights_dir), "--data-dir", str(tmp_path / "none"), "--check-images", "4"]
+    assert main(["export", *common, "--out", str(tmp_path / "d.onnx")]) == 0
+    assert "dynamic batch" in capsys.readouterr().out
+    session = ort.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    assert session.run(None, {name: np.zeros((8, 3, 32, 32), np.float32)})[0].shape == (8, 10)
+    assert main(["export", *common, "--out", str(tmp_path / "f.onnx"), "--fixed-batch", "2"]) == 0
+    assert "fixed batch 2: ONNX Runtime refuses any other batch size" in capsys.readouterr().out
+    session = ort.InferenceSession(str(tmp_path / "f.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {name: np.zeros((2, 3, 32, 32), np.float32)})[0].shape == (2, 10)
+    with pytest.raises(Exception, match="batch|dimension|Got invalid"):
+        session.run(None, {name: np.zeros((8, 3, 32, 32), np.float32)})
 
 
 def test_corrupt_onnx_gives_a_clear_error(exported, tmp_path, capsys):

@@ -165,11 +165,14 @@ def compare_outputs(model: torch.nn.Module, other: torch.nn.Module, inputs: torc
 
 
 def default_output(weights: Path) -> Path:
-    """``model.onnx`` in the weights directory (beside the file when given a file)."""
+    """``model.onnx`` in the weights directory (beside the file when given a file); ``NAME.onnx`` in
+    the current directory for a model shipped with the package."""
+    if not weights.exists():
+        return Path(f"{weights.name}.onnx")
     return (weights if weights.is_dir() else weights.parent) / "model.onnx"
 
 
-def export_onnx(weights, out=None, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = False,
+def export_onnx(weights, out=None, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = True, batch_size: int = 1,
                 data_dir=None, check_count: int = 256, tolerance: float = TOLERANCE) -> dict:
     """Export the weights at ``weights`` to ``out`` and return a report of the checks.
 
@@ -192,7 +195,9 @@ def export_onnx(weights, out=None, *, opset: int = DEFAULT_OPSET, dynamic_batch:
     size = int(meta.get("input_size", 32))
     exporter = exporter_for(opset)
 
-    proto = export_to_proto(model, size, opset=opset, dynamic_batch=dynamic_batch)
+    if not dynamic_batch and batch_size < 1:
+        raise ConfigError(f"--fixed-batch must be at least 1, got {batch_size}")
+    proto = export_to_proto(model, size, opset=opset, dynamic_batch=dynamic_batch, batch_size=batch_size)
     meta = {**meta, "config": {**meta["config"], "memory_efficient": False}}  # as exported
     label = f"torch {torch.__version__.split('+')[0]} {exporter} exporter, opset {opset}"
     _add_metadata(proto, onnx_metadata(meta, exporter=label))
@@ -207,7 +212,8 @@ def export_onnx(weights, out=None, *, opset: int = DEFAULT_OPSET, dynamic_batch:
     result = compare_outputs(model, session_model, normalise(images, meta))
     report = {
         "out": str(out), "bytes": len(data), "opset": opset, "exporter": exporter,
-        "dynamic_batch": bool(dynamic_batch), "checker": "passed", "compared_on": described,
+        "dynamic_batch": bool(dynamic_batch), "batch_size": None if dynamic_batch else int(batch_size),
+        "checker": "passed", "compared_on": described,
         "tolerance": tolerance, **result,
     }
     real_disagreements = result["images"] - result["top1_agree"] - result["ties"]
@@ -222,7 +228,8 @@ def export_onnx(weights, out=None, *, opset: int = DEFAULT_OPSET, dynamic_batch:
 
 
 def format_report(report: dict) -> str:
-    batch = "dynamic batch" if report["dynamic_batch"] else "batch 1"
+    batch = ("dynamic batch" if report["dynamic_batch"] else
+             f"fixed batch {report['batch_size']}: ONNX Runtime refuses any other batch size")
     ties = f" ({report['ties']} ties within noise)" if report["ties"] else ""
     return "\n".join([
         f"wrote {report['out']} ({report['bytes'] / 1e6:.2f} MB, opset {report['opset']}, {batch}, "
@@ -245,8 +252,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output file (default: model.onnx in the weights directory)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                         help=f"ONNX opset (default {DEFAULT_OPSET}; below 18 uses the TorchScript exporter)")
-    parser.add_argument("--dynamic-batch", action="store_true",
-                        help="symbolic batch dimension (default: fixed batch 1)")
+    parser.add_argument("--dynamic-batch", action="store_true", default=True,
+                        help="symbolic batch dimension: the graph takes any batch size (the default)")
+    parser.add_argument("--fixed-batch", type=int, default=None, metavar="N",
+                        help="instead, a graph that takes exactly N images per run")
     parser.add_argument("--data-dir", default=None,
                         help="dataset for the agreement check (default $DENSENET_DATA, else ./data)")
     parser.add_argument("--check-images", type=int, default=256, metavar="N",
@@ -256,7 +265,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = export_onnx(args.weights, args.out, opset=args.opset, dynamic_batch=args.dynamic_batch,
+    fixed = args.fixed_batch is not None
+    report = export_onnx(args.weights, args.out, opset=args.opset, dynamic_batch=not fixed,
+                         batch_size=args.fixed_batch if fixed else 1,
                          data_dir=args.data_dir, check_count=args.check_images, tolerance=args.tolerance)
     print(format_report(report))
     return 0
