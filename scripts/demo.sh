@@ -55,4 +55,11 @@ for i in range(0, len(test), len(test) // 8)[:8]:
     Image.fromarray(test.images[i].permute(1, 2, 0).numpy()).save(out / f"{i:05d}-{name}.png")
 EOF
 "$DENSENET" predict --weights runs/demo-weights runs/demo-samples --topk 3
+
+SHIPPED=$("$PYTHON" -c 'from densenet.pretrained import pretrained_names as n; print(n()[-1] if n() else "")')
+if [[ -n "$SHIPPED" ]]; then
+    echo "== densenet predict with the model shipped in the package ($SHIPPED, trained longer on the CPU)"
+    "$DENSENET" predict --weights "$SHIPPED" runs/demo-samples --topk 3
+fi
 echo "== done: run directory runs/demo (curves.png, metrics.csv, confusion.png), weights runs/demo-weights"
+echo "   shipped models and their accuracy: densenet analyze --list"

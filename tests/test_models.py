@@ -24,7 +24,8 @@ from densenet.models import (
     register_model,
 )
 
-# name -> exact parameter count (published/torchvision figures; densenet-bc-mini measured here)
+# name -> exact parameter count (published/torchvision figures); the project's own models are checked
+# against the composition formula in test_cifar_models_match_the_composition_formula
 PARAM_COUNTS = {
     "densenet121-cifar": 6_956_298,
     "densenet121": 7_978_856,
@@ -36,7 +37,6 @@ PARAM_COUNTS = {
     "densenet-bc-250-24": 15_324_406,
     "densenet-bc-190-40": 25_624_430,
     "densenet-40-12": 1_019_722,
-    "densenet-bc-mini": 303_658,
 }
 
 
@@ -70,7 +70,7 @@ def test_registry_lists_and_describes_models():
     rows = {r["name"]: r for r in describe_models()}
     assert rows["densenet121"]["params"] == 7_978_856
     assert rows["densenet121"]["num_classes"] == 1000 and rows["densenet121"]["stem"] == "imagenet"
-    assert rows["densenet-bc-mini"]["params"] == 303_658 and rows["densenet-bc-mini"]["stem"] == "cifar"
+    assert rows["densenet-bc-mini"]["params"] == cifar_parameter_count(24, 12, [6, 12, 8], 4, 0.5) and rows["densenet-bc-mini"]["stem"] == "cifar"
     assert all(r["description"] for r in rows.values())
 
 
@@ -87,6 +87,31 @@ def test_generic_names_follow_the_paper_rules():
     # the generic name builds exactly what the registry's paper model builds
     assert count_parameters(meta_model("densenet-bc-40-12")) == count_parameters(
         DenseNet(12, (6, 6, 6), 24, 4, 0.5, num_classes=10, stem="cifar").to("meta"))
+
+
+def cifar_parameter_count(stem: int, k: int, blocks: list[int], bottleneck: int, theta: float, classes: int = 10) -> int:
+    """Parameters of a CIFAR-stem DenseNet from the paper's composition: a 3x3 stem conv; per layer
+    BN(c) + [conv1x1 c->b*k + BN(b*k) + conv3x3 b*k->k] or conv3x3 c->k; per transition BN(c) +
+    conv1x1 c->floor(theta*c); BN; linear."""
+    c, total = stem, 27 * stem
+    for i, n in enumerate(blocks):
+        for _ in range(n):
+            total += 2 * c + (c * bottleneck * k + 2 * bottleneck * k + 9 * bottleneck * k * k if bottleneck
+                              else 9 * c * k)
+            c += k
+        if i < len(blocks) - 1:
+            out = int(theta * c)
+            total += 2 * c + c * out
+            c = out
+    return total + 2 * c + c * classes + classes
+
+
+def test_cifar_models_match_the_composition_formula():
+    # the formula reproduces the published sizes, then gives the project's own CPU models
+    assert cifar_parameter_count(16, 12, [12, 12, 12], 0, 1.0) == PARAM_COUNTS["densenet-40-12"]
+    assert cifar_parameter_count(24, 12, [16, 16, 16], 4, 0.5) == PARAM_COUNTS["densenet-bc-100-12"]
+    assert count_parameters(meta_model("densenet-bc-mini")) == cifar_parameter_count(24, 12, [6, 12, 8], 4, 0.5)
+    assert count_parameters(meta_model("densenet-cpu-s")) == cifar_parameter_count(54, 64, [2, 3, 2], 0, 0.5)
 
 
 @pytest.mark.parametrize("name", ["densenet-bc-101-12", "densenet-bc-4-12", "densenet-41-12"])

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from densenet.errors import ConfigError
+from densenet.pretrained import pretrained_card, pretrained_names
 
 __all__ = ["analyze_model", "format_analysis", "format_model_list", "default_input_size",
            "add_arguments", "run"]
@@ -164,6 +165,15 @@ def format_model_list(rows: list[dict[str, Any]]) -> str:
         lines.append(f"{row['name']:<22}{row['params']:>13,}{row['num_classes'] or '-':>9}  "
                      f"{row['stem'] or '-':<10}{row['description']}")
     lines.append("Also: densenet-bc-L-k (L = 6n+4) and densenet-L-k (L = 3n+4) for any depth L and growth rate k.")
+    shipped = pretrained_names()
+    if shipped:
+        lines += ["", "Trained weights shipped with the package (--weights NAME in predict, evaluate, export, analyze):",
+                  f"{'name':<22}{'test top-1':>11}{'flip TTA':>10}{'epochs':>8}{'train time':>12}  recipe, machine"]
+        for name in shipped:
+            card = pretrained_card(name)
+            lines.append(f"{name:<22}{100 * card['test_acc']:>10.2f}%{100 * card['test_acc_tta']:>9.2f}%"
+                         f"{card['epochs']:>8}{card['wall_seconds'] / 60:>9.1f} min  {card['recipe']}, "
+                         f"{card['machine']}")
     return "\n".join(lines)
 
 

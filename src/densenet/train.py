@@ -40,13 +40,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from densenet.errors import ConfigError, DenseNetError, WeightsError
+from densenet.errors import ConfigError, DenseNetError, ResourceError, WeightsError
+from densenet.runtime import peak_rss_mb, set_malloc_policy
 
 SCHEDULES = ("step", "cosine", "onecycle", "constant")
 AMPS = ("none", "bf16", "fp16")
 PROGRESS = ("auto", "bar", "lines", "none")
 # settings a resumed run must share with its checkpoint (they define the model and the batches)
-RESUME_FIXED = ("model", "dataset", "batch_size", "seed", "subset", "val_split", "dropout", "num_classes")
+RESUME_FIXED = ("model", "dataset", "batch_size", "seed", "subset", "val_split", "dropout", "num_classes",
+                "whiten")
 # test hook: send SIGTERM to this process after this many optimizer steps (global count)
 SIGTERM_AFTER_STEP_ENV = "DENSENET_SIGTERM_AFTER_STEP"
 
@@ -77,6 +79,7 @@ class TrainConfig:
     warmup_epochs: float | None = None  # None: 0, or 30% of the epochs for onecycle
     label_smoothing: float = 0.0
     dropout: float = 0.0
+    whiten: bool = False  # stem set to frozen patch-whitening filters of the training images
     crop_padding: int = 4
     flip: bool = True
     cutout: int = 0
@@ -101,9 +104,15 @@ class TrainConfig:
     threads: int | None = None
     recipe: str | None = None
     progress: str = "auto"  # auto: a tqdm bar on a terminal, else one line per epoch
+    tensorboard: str | None = None  # TensorBoard event files: a folder, "" for <out_dir>/tensorboard, None: off
     sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch (CUDA only)
     dist_timeout: float = 300.0  # under torchrun: seconds a process waits for the others before failing
 
+
+# the CPU recipes' shared settings: densenet-cpu-s with a whitened stem (docs/TRAINING.md: how chosen)
+_CPU_S = dict(model="densenet-cpu-s", whiten=True, batch_size=128, lr=0.2, momentum=0.9, nesterov=True,
+              weight_decay=5e-4, schedule="onecycle", label_smoothing=0.1, crop_padding=4, flip=True,
+              channels_last=True)
 
 RECIPES: dict[str, dict] = {
     "original": {
@@ -121,12 +130,13 @@ RECIPES: dict[str, dict] = {
                          gamma=0.1, crop_padding=4, flip=True),
     },
     "quick": {
-        "description": "CPU demo, <= 10 minutes: densenet-bc-mini, 6 epochs, batch 128, one-cycle to lr 0.2, "
-        "Nesterov, wd 5e-4, label smoothing 0.1, crop+flip, channels_last",
-        "settings": dict(model="densenet-bc-mini", epochs=6, batch_size=128, lr=0.2, momentum=0.9,
-                         nesterov=True, weight_decay=5e-4, schedule="onecycle", warmup_epochs=1.5,
-                         label_smoothing=0.1, crop_padding=4, flip=True, channels_last=True,
-                         max_minutes=10.0),
+        "description": "CPU demo, <= 10 minutes: densenet-cpu-s with a whitened stem, 3 epochs, batch 128, "
+        "one-cycle to lr 0.2, Nesterov, wd 5e-4, label smoothing 0.1, crop+flip, channels_last",
+        "settings": dict(_CPU_S, epochs=3, warmup_epochs=0.6, max_minutes=10.0),
+    },
+    "cpu-30m": {
+        "description": "CPU, <= 30 minutes: the quick recipe for 8 epochs (1.3 warm-up epochs)",
+        "settings": dict(_CPU_S, epochs=8, warmup_epochs=1.3, max_minutes=30.0),
     },
     "fast": {
         "description": "GPU time-to-accuracy plumbing (untuned): densenet121-cifar, bf16, channels_last, "
@@ -250,18 +260,31 @@ def validate(config: TrainConfig) -> None:
     need(c.threads is None or (is_int(c.threads) and c.threads >= 1), f"--threads must be >= 1, got {c.threads!r}")
     need(c.num_classes is None or (is_int(c.num_classes) and c.num_classes >= 2), "--num-classes must be >= 2")
     need(c.dataset in ("cifar10", "cifar100"), f"unknown --dataset {c.dataset!r}; choose cifar10 or cifar100")
+    if c.tensorboard is not None:
+        from importlib.util import find_spec
+
+        need(find_spec("tensorboard") is not None,
+             "--tensorboard needs the 'tensorboard' package, which is not installed: pip install 'densenet[tensorboard]'")
     need(c.progress in PROGRESS, f"progress must be one of {', '.join(PROGRESS)}, got {c.progress!r}")
     need(c.dist_timeout > 0 and math.isfinite(c.dist_timeout),
          f"--dist-timeout must be positive seconds, got {c.dist_timeout}")
     if c.recipe is not None:
         recipe_settings(c.recipe)
-    from densenet.evaluate import resolve_device
+    from densenet.runtime import resolve_device
 
     device = resolve_device(c.device)
+    need(not (c.amp == "fp16" and device.type == "cpu"),
+         "--amp fp16 training needs CUDA (loss scaling); use --amp bf16 on the CPU (as densenet bench says too)")
     need(not c.sync_bn or device.type == "cuda",
          "--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU)")
     with torch.device("meta"):
-        create_model(c.model, num_classes=10)
+        model = create_model(c.model, num_classes=10)
+    if c.whiten:
+        conv = getattr(getattr(model, "features", None), "conv0", None)
+        shape = tuple(conv.weight.shape) if isinstance(conv, torch.nn.Conv2d) else None
+        need(shape is not None and shape[0] == 2 * shape[1] * shape[2] * shape[3],
+             f"--whiten needs a stem convolution with 2 x 3 x 3 x 3 = 54 stem channels (for 3x3 patches); "
+             f"{c.model} has {shape[0] if shape else 'no such stem'} (use a densenet-cpu-* model)")
 
 
 # --- learning-rate schedule -------------------------------------------------------------------
@@ -410,14 +433,10 @@ def _write_metrics(out_dir: Path, history: list[dict]) -> None:
 
 
 def _peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA's allocator peak, or this process's peak RSS (``VmHWM``, as bench)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    except (ImportError, OSError):
-        return float("nan")
+    return peak_rss_mb()
 
 
 # --- signals ----------------------------------------------------------------------------------
@@ -554,17 +573,19 @@ class _Trainer:
             return self._run()
         except OSError as exc:  # disk full, quota, read-only file system while writing the run's files
             where = f"{exc.filename}: " if exc.filename else ""
-            raise TrainingError(f"cannot write {where}{exc.strerror or exc}; {self._kept()}") from None
+            raise ResourceError(f"cannot write {where}{exc.strerror or exc}; {self._kept()}") from None
         except (MemoryError, RuntimeError) as exc:
             if self.dist.distributed and distributed.is_peer_failure(exc):
                 raise distributed.peer_failure(self.dist, exc, self._kept()) from None
             if not out_of_memory(exc):
                 raise
-            raise TrainingError(
+            raise ResourceError(
                 f"out of memory at batch size {c.batch_size} ({_allocation(exc)}); use a smaller --batch-size or "
                 f"--memory-efficient (--eval-batch-size for evaluation); {self._kept()}"
             ) from None
         finally:
+            if getattr(self, "_tb", None) is not None:
+                self._tb.close()
             # drop the DDP wrapper while the process group is still registered: the group must not be
             # destroyed from DDP's destructor (with the GIL held, gloo's threads can deadlock on it)
             self.__dict__.pop("train_model", None)
@@ -626,7 +647,7 @@ class _Trainer:
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(
+            raise ResourceError(
                 f"cannot create the run directory {self.out_dir}: {exc.strerror or exc}"
             ) from None
         remove_stale_temporaries(self.out_dir)  # what a killed predecessor was writing
@@ -703,6 +724,8 @@ class _Trainer:
         if c.memory_efficient:
             overrides["memory_efficient"] = True
         model = create_model(c.model, num_classes=num_classes, **overrides)
+        if c.whiten:
+            self._whiten(model)
         if c.sync_bn and self.dist.distributed:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         memory_format = torch.channels_last if c.channels_last else torch.contiguous_format
@@ -751,6 +774,16 @@ class _Trainer:
             split: dataclasses.replace(ds, images=ds.images.to(device), labels=ds.labels.to(device))
             for split, ds in shares.items()
         }
+
+    def _whiten(self, model) -> None:
+        """Whiten the stem from the first 5,000 training images (no randomness: resumes rebuild it alike)."""
+        from densenet.models import whiten_stem
+
+        train_set = self.data["train"]
+        images = train_set.images[:5000].float() / 255.0
+        mean = torch.tensor(train_set.mean).view(1, 3, 1, 1)
+        std = torch.tensor(train_set.std).view(1, 3, 1, 1)
+        whiten_stem(model, (images - mean) / std)
 
     def _restore(self, checkpoint: dict) -> None:
         try:
@@ -887,7 +920,7 @@ class _Trainer:
             previous = (self.out_dir / name).is_file()
             kept = (f"the previous checkpoint is intact; continue with: densenet train --resume {self.out_dir}"
                     if previous else self._kept())
-            raise TrainingError(f"cannot write {self.out_dir / name}: {exc.strerror or exc}; {kept}") from None
+            raise ResourceError(f"cannot write {self.out_dir / name}: {exc.strerror or exc}; {kept}") from None
 
     # the loop ----------------------------------------------------------------------------------
 
@@ -1009,7 +1042,7 @@ class _Trainer:
 
     def _train_epoch(self, epoch, start_step, partial, stop, stop_after, budget) -> dict:
         from densenet.augment import epoch_batches
-        from densenet.evaluate import autocast
+        from densenet.runtime import autocast
 
         c, device = self.config, self.device
         rank, world = self.dist.rank, self.dist.world_size
@@ -1111,7 +1144,7 @@ class _Trainer:
             f"Lower --lr or add --warmup-epochs"
         )
 
-    def _end_epoch(self, epoch: int, outcome: dict) -> dict:
+    def _end_epoch(self, epoch: int, outcome: dict) -> None:
         c = self.config
         from densenet.plots import plot_curves
 
@@ -1149,9 +1182,28 @@ class _Trainer:
                 self._save("checkpoint-best.pt", checkpoint)
             self._save("checkpoint-last.pt", checkpoint)
             _write_metrics(self.out_dir, self.history)
+            self._log_tensorboard(row)
             plot_curves(self.history, self.out_dir / "curves.png", title=f"{c.model} ({c.dataset})")
         self._report_epoch(row)
-        return row
+
+    def _log_tensorboard(self, row: dict) -> None:
+        """The epoch's scalars as TensorBoard events (step = epoch), with --tensorboard."""
+        c = self.config
+        if c.tensorboard is None:
+            return
+        if getattr(self, "_tb", None) is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            folder = Path(c.tensorboard) if c.tensorboard else self.out_dir / "tensorboard"
+            # a resumed run drops the events an interrupted run wrote after its checkpoint
+            self._tb = SummaryWriter(str(folder), purge_step=row["epoch"])
+        for key, tag in (("train_loss", "loss/train"), ("test_loss", "loss/test"), ("val_loss", "loss/val"),
+                         ("train_acc", "accuracy/train"), ("test_acc", "accuracy/test"), ("val_acc", "accuracy/val"),
+                         ("lr", "lr"), ("images_per_second", "speed/train_images_per_second"),
+                         ("peak_memory_mb", "memory/peak_mb")):
+            if row.get(key) is not None:
+                self._tb.add_scalar(tag, row[key], row["epoch"])
+        self._tb.flush()
 
     def _report_epoch(self, row: dict) -> None:
         if self._progress_mode() == "none":
@@ -1194,7 +1246,7 @@ class _Trainer:
                 remove_stale_temporaries(c.weights_dir)
                 save_model(c.weights_dir, model, meta)
             except OSError as exc:
-                raise ConfigError(f"cannot write the weights to {c.weights_dir}: {exc.strerror or exc}") from None
+                raise ResourceError(f"cannot write the weights to {c.weights_dir}: {exc.strerror or exc}") from None
             self._say(f"weights: {Path(c.weights_dir) / 'model.safetensors'} and model.json")
         return final_acc
 
@@ -1216,6 +1268,9 @@ def add_arguments(parser) -> None:
     g.add_argument("--test-subset", type=int, default=None, help="evaluate on N test images")
     g.add_argument("--dropout", type=float, default=None, help="dropout after each dense layer's conv")
     g.add_argument("--memory-efficient", action=B, default=None, help="checkpoint the concatenations")
+    g.add_argument("--whiten", action=B, default=None,
+                   help="set the stem to frozen patch-whitening filters of the training images (the model's "
+                        "stem must have 2 x 27 = 54 channels, as the densenet-cpu-* models do)")
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help="default 200")
@@ -1259,6 +1314,10 @@ def add_arguments(parser) -> None:
                         "unfinished runs/<model>-*) if there is a checkpoint, else start afresh")
     g.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this much wall time")
     g.add_argument("--progress", default=None, choices=PROGRESS, help="auto: a bar on a terminal, else lines")
+    g.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                   help="write per-epoch losses, accuracies, learning rate, images/s and peak memory as "
+                        "TensorBoard events to DIR (default <run directory>/tensorboard); needs the "
+                        "tensorboard extra")
 
     g = parser.add_argument_group("distributed (torchrun -m densenet train ...; see docs/DISTRIBUTED.md)")
     g.add_argument("--nproc", type=int, default=None, metavar="N",
@@ -1339,8 +1398,6 @@ def run(args) -> int:
     # Measured (docs/BENCHMARKS.md): under glibc's default policy the memory-efficient mode's steps
     # took 1.6-1.7x the standard mode's, with this one 1.1-1.25x, for 20% more peak memory (still
     # under half the standard mode's).
-    from densenet.bench import set_malloc_policy
-
     set_malloc_policy("retain")
     result = _Trainer(config).run()
     return result.exit_code

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from densenet.errors import ConfigError, WeightsError
+from densenet.pretrained import pretrained_names, resolve_weights
 
 FORMAT = "densenet-weights"
 FORMAT_VERSION = 1
@@ -197,13 +198,14 @@ def save_model(directory: str | os.PathLike, model: torch.nn.Module, meta: dict)
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Load a model for inference: ``(model in eval mode, meta dict)``.
 
-    ``path`` is a weights directory, a ``.safetensors`` file, a training checkpoint (``.pt``) or a
+    ``path`` is the name of a shipped model (``densenet analyze --list``), a weights directory, a ``.safetensors`` file, a training checkpoint (``.pt``) or a
     run directory (its final weights, else ``checkpoint-best.pt``, else ``checkpoint-last.pt``).
     A ``.onnx`` file from ``densenet export`` gives a :class:`densenet.onnx_runtime.OnnxModel`
     that runs in ONNX Runtime (the ``onnx`` extra). The meta dict is also attached to the model as
     ``model.meta``. Problems raise :class:`WeightsError`.
     """
-    if Path(path).suffix == ".onnx":
+    path = resolve_weights(path)
+    if path.suffix == ".onnx":
         from densenet.onnx_runtime import load_onnx_model
 
         return load_onnx_model(path, device)
@@ -293,10 +295,13 @@ def _at_most_parameters(limit: int | None):
 
 
 def load_state_and_meta(path: str | os.PathLike) -> tuple[dict, dict]:
-    """The state dict and meta dict stored at ``path`` (any of the layouts ``load_model`` takes)."""
-    path = Path(path)
+    """The state dict and meta dict stored at ``path`` (any of the layouts ``load_model`` takes, or
+    the name of a model shipped with the package: see :mod:`densenet.pretrained`)."""
+    path = resolve_weights(path)
     if not path.exists():
-        raise WeightsError(f"weights not found: {path}")
+        shipped = pretrained_names()
+        hint = f" (nor the name of a shipped model: {', '.join(shipped)})" if shipped else ""
+        raise WeightsError(f"weights not found: {path}{hint}")
     if path.is_dir():
         if (path / WEIGHTS_FILE).is_file():
             return _read_safetensors(path / WEIGHTS_FILE)

@@ -1,0 +1,102 @@
+"""What each lever of the CPU recipes gave on this machine: training-step speed, and accuracy per run.
+
+Two parts, each run on a quiet machine (nothing else of yours beside it):
+
+    # images/s of a training step (synthetic batch, glibc retain policy as in `densenet train`):
+    # fp32 vs bf16 autocast, channels_last vs NCHW, eager vs torch.compile, for candidate models
+    .venv/bin/python benchmarks/cpu_levers.py speed --models densenet-bc-mini,densenet-cpu-s --batch 128
+
+    # accuracy of short real trainings (densenet.train.train, the `quick` recipe with overrides);
+    # two variants can run side by side with --threads 1 each (they slow each other alike)
+    .venv/bin/python benchmarks/cpu_levers.py accuracy --data-dir ../shared/data/cifar10-jpeg \\
+        --set '{"model": "densenet-cpu-s", "whiten": true}' --subset 25000 --epochs 2
+
+Each part prints one JSON line per variant; docs/TRAINING.md ("What each lever gave") lists the
+figures and the commands that produced them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from densenet.bench import set_malloc_policy
+from densenet.models import create_model
+
+
+def step_speed(model_name: str, batch: int, amp: str, channels_last: bool, compile_: bool,
+               warmup: int = 3, steps: int = 8) -> dict:
+    torch.manual_seed(0)
+    model = create_model(model_name)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    run = torch.compile(model) if compile_ else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+            loss = F.cross_entropy(run(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = (time.perf_counter() - t) / steps
+    return {"model": model_name, "batch": batch, "amp": amp, "channels_last": channels_last,
+            "compile": compile_, "images_per_second": round(batch / seconds, 1),
+            "warmup_seconds": round(first, 1), "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="part", required=True)
+    s = sub.add_parser("speed")
+    s.add_argument("--models", default="densenet-bc-mini,densenet-cpu-s")
+    s.add_argument("--batch", type=int, default=128)
+    s.add_argument("--compile", action="store_true", help="also time torch.compile (slow to warm up)")
+    s.add_argument("--threads", type=int, default=None)
+    a = sub.add_parser("accuracy")
+    a.add_argument("--data-dir", required=True)
+    a.add_argument("--set", default="{}", help="JSON of training settings over the quick recipe")
+    a.add_argument("--subset", type=int, default=25000)
+    a.add_argument("--epochs", type=int, default=2)
+    a.add_argument("--threads", type=int, default=None)
+    a.add_argument("--out-dir", default=None)
+    args = p.parse_args()
+    set_malloc_policy("retain")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.part == "speed":
+        for name in args.models.split(","):
+            for amp, cl, comp in [("none", True, False), ("none", False, False), ("bf16", True, False)] + (
+                    [("none", True, True)] if args.compile else []):
+                print(json.dumps(step_speed(name, args.batch, amp, cl, comp)), flush=True)
+        return
+
+    from densenet.train import train
+
+    settings = dict(recipe="quick", data_dir=args.data_dir, subset=args.subset, epochs=args.epochs,
+                    warmup_epochs=0.25 * args.epochs, max_minutes=None, weights_dir=None, progress="lines",
+                    threads=args.threads, out_dir=args.out_dir or f"runs/levers-{int(time.time())}")
+    settings.update(json.loads(args.set))
+    t = time.time()
+    result = train(**settings)
+    print(json.dumps({"settings": json.loads(args.set), "subset": args.subset, "epochs": args.epochs,
+                      "test_acc": result.final_test_acc, "images_per_second": round(result.images_per_second, 1),
+                      "wall_seconds": round(time.time() - t, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Put trained weights into the package as a shipped model: fp16 safetensors + model.json with a card.
+
+    python scripts/ship_weights.py runs/cpu30-weights densenet-cpu-30m \\
+        --run-dir runs/cpu30 --data-dir ../shared/data/cifar10-jpeg \\
+        --command "densenet train --recipe cpu-30m ..." --machine "2-core AMD EPYC (AVX-512), torch 2.13.0"
+
+The weights are stored as fp16 (half the size); the card's accuracy is measured here on the full
+test set by loading the shipped files back exactly as ``densenet evaluate --weights NAME`` does,
+so that command reproduces it. The card also records the run's per-epoch test accuracy and wall
+time (from the run directory's metrics.csv and model.json), and README.md beside the weights
+is the same card for people.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from densenet.data import load_dataset
+from densenet.evaluate import evaluate
+from densenet.pretrained import PRETRAINED_DIR
+from densenet.weights import load_model, save_model
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("weights", help="the trained weights (a weights dir or run dir)")
+    p.add_argument("name", help="the name users will load it by")
+    p.add_argument("--run-dir", required=True, help="the training run directory (metrics.csv, config.json)")
+    p.add_argument("--data-dir", required=True, help="CIFAR-10 to measure the card's accuracy on")
+    p.add_argument("--command", required=True, help="the exact training command")
+    p.add_argument("--machine", required=True, help="the machine it was trained on, in words")
+    p.add_argument("--load", default="", help="the machine's load average during training, in words")
+    p.add_argument("--process-seconds", type=float, required=True,
+                   help="wall time of the whole densenet train process (/usr/bin/time), start-up included")
+    args = p.parse_args()
+
+    model, meta = load_model(args.weights)
+    run = Path(args.run_dir)
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    config = json.loads((run / "config.json").read_text())
+    training = meta.get("training", {})
+    out = PRETRAINED_DIR / args.name
+    out.mkdir(parents=True, exist_ok=True)
+
+    card = {
+        "name": args.name,
+        "recipe": training.get("recipe"),
+        "command": args.command,
+        "epochs": training.get("epochs_completed"),
+        "wall_seconds": round(args.process_seconds, 1),
+        "training_loop_seconds": round(float(training.get("wall_seconds") or 0.0), 1),
+        "test_acc_per_epoch": [None if not r.get("test_acc") else round(float(r["test_acc"]), 4) for r in rows],
+        "elapsed_seconds_per_epoch": [round(float(r["elapsed_seconds"]), 1) for r in rows],
+        "images_per_second": round(sum(float(r["images_per_second"]) for r in rows) / max(len(rows), 1), 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "machine": args.machine,
+        "load": args.load,
+        "torch": torch.__version__,
+        "tta_in_training": bool(config["config"].get("tta")),
+        "dataset": "CIFAR-10 (JPEG copy): the 10,000 test images",
+        "weights_dtype": "float16",
+    }
+    half = model.half()
+    save_model(out, half, {**meta, "card": card})
+    # measure what users will load: the fp16 file, read back as densenet evaluate reads it
+    shipped, _ = load_model(out)
+    test = load_dataset(args.data_dir, split="test")
+    plain = evaluate(shipped, test, batch_size=500)
+    flipped = evaluate(shipped, test, batch_size=500, tta=True)
+    card["test_acc"] = round(float(plain["top1"]), 4)
+    card["test_correct"] = int(round(plain["top1"] * len(test)))
+    card["test_acc_tta"] = round(float(flipped["top1"]), 4)
+    card["test_correct_tta"] = int(round(flipped["top1"] * len(test)))
+    card["test_images"] = len(test)
+    save_model(out, half, {**meta, "card": card})
+    sha = json.loads((out / "model.json").read_text())["sha256"]
+    (out / "README.md").write_text(render_card(card, sha))
+    print(f"{args.name}: {100 * card['test_acc']:.2f}% ({100 * card['test_acc_tta']:.2f}% with flip TTA) "
+          f"on {len(test)} test images; {out}")
+    return 0
+
+
+def render_card(card: dict, sha256: str) -> str:
+    per_epoch = ", ".join("-" if a is None else f"{100 * a:.2f}" for a in card["test_acc_per_epoch"])
+    return f"""# {card['name']}
+
+A DenseNet trained on the CPU by this project, shipped inside the package. Load it by name:
+`densenet evaluate --weights {card['name']}`, `densenet predict --weights {card['name']} IMAGE`,
+`densenet.load_model("{card['name']}")`, `torch.hub.load(".", "{card['name']}", source="local")`.
+
+| | |
+|---|---|
+| test top-1 | **{100 * card['test_acc']:.2f}%** ({card['test_correct']:,} of {card['test_images']:,}): `densenet evaluate --weights {card['name']}` |
+| with flip TTA | **{100 * card['test_acc_tta']:.2f}%** ({card['test_correct_tta']:,}): `densenet evaluate --weights {card['name']} --tta` |
+| data | {card['dataset']} |
+| recipe | `{card['recipe']}` |
+| command | `{card['command']}` |
+| epochs | {card['epochs']} |
+| training wall time | {card['wall_seconds']:.0f} s: the whole `densenet train` process, start-up, data loading and every evaluation included ({card['training_loop_seconds']:.0f} s from the first step to the final weights) |
+| training images/s | {card['images_per_second']:.0f} (mean over epochs) |
+| parameters | {card['parameters']:,} |
+| machine | {card['machine']}; load {card['load'] or 'not recorded'} |
+| torch | {card['torch']} |
+| weights | float16 safetensors, SHA-256 `{sha256}` |
+
+Test accuracy after each epoch (%): {per_epoch}.
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
