@@ -18,7 +18,7 @@ from densenet.pretrained import PRETRAINED_DIR, pretrained_card, pretrained_name
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = pretrained_names()
-DATA = os.environ.get("DENSENET_DATA")
+DATA = os.path.abspath(os.environ["DENSENET_DATA"]) if os.environ.get("DENSENET_DATA") else None
 
 
 def test_models_are_shipped_with_complete_cards():
@@ -98,9 +98,11 @@ def test_torch_hub_loads_shipped_models_from_the_checkout():
 
 @pytest.mark.skipif(not DATA, reason="needs $DENSENET_DATA (CIFAR-10)")
 @pytest.mark.parametrize("name", SHIPPED)
-def test_evaluate_by_name_reproduces_the_card_exactly(name, capsys):
+def test_evaluate_by_name_reproduces_the_card_exactly(name, capsys, tmp_path, monkeypatch):
     card = pretrained_card(name)
+    monkeypatch.chdir(tmp_path)
     assert main(["evaluate", "--weights", name, "--data-dir", DATA, "--json"]) == 0
+    assert (tmp_path / f"{name}-evaluation" / "confusion.json").is_file()  # not inside the package
     result = json.loads(capsys.readouterr().out)
     assert result["num_samples"] == card["test_images"] == 10_000
     assert round(result["top1"] * result["num_samples"]) == card["test_correct"]

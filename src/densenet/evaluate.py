@@ -152,7 +152,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast precision")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--out", default=None, metavar="DIR",
-                        help="where confusion.json and confusion.png go (default: beside the weights)")
+                        help="where confusion.json and confusion.png go (default: beside the weights; NAME-evaluation/ here for a shipped model)")
 
 
 def run(args) -> int:
@@ -181,7 +181,12 @@ def run(args) -> int:
     result["data"] = str(dataset.root)
 
     weights_path = Path(args.weights)
-    out = Path(args.out) if args.out else (weights_path if weights_path.is_dir() else weights_path.parent)
+    if args.out:
+        out = Path(args.out)
+    elif not weights_path.exists():  # a model shipped with the package: not into the package
+        out = Path(f"{weights_path.name}-evaluation")
+    else:
+        out = weights_path if weights_path.is_dir() else weights_path.parent
     try:
         atomic_write_text(out / "confusion.json", json.dumps(result, indent=2) + "\n")
         plot_confusion(
