@@ -23,6 +23,7 @@ ratio of the medians and as the median of the per-round ratios.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -101,11 +102,19 @@ def compare_train(batch: int, rounds: int, steps: int) -> dict:
         F.cross_entropy(ours(x_last), y).backward()
         opt_ours.step()
 
+    # like for like: the same textbook model and step, in channels_last as ours
+    ref_cl = copy.deepcopy(ref).to(memory_format=torch.channels_last)
+    opt_ref_cl = torch.optim.SGD(ref_cl.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     variants = {
         "reference": lambda: [reference.reference_train_step(ref, opt_ref, x, y) for _ in range(steps)],
         "ours": lambda: [ours_step() for _ in range(steps)],
+        "reference_channels_last": lambda: [reference.reference_train_step(ref_cl, opt_ref_cl, x_last, y)
+                                            for _ in range(steps)],
     }
-    return summarise(interleaved(variants, rounds), batch * steps)
+    times = interleaved(variants, rounds)
+    result = summarise(times, batch * steps)
+    result["like_for_like"] = summarise(times, batch * steps, ref="reference_channels_last")
+    return result
 
 
 def compare_infer(batch: int, rounds: int) -> dict:
@@ -227,6 +236,12 @@ def main() -> None:
             raise SystemExit(f"unknown comparison {key!r}; choose from train, infer, data")
         if not args.json:
             print(format_table({key: results[key]}, settings).splitlines()[-1], flush=True)
+            if "like_for_like" in results[key]:
+                like = results[key]["like_for_like"]
+                print(f"  like for like (reference in channels_last too, "
+                      f"{like['images_per_s']['reference_channels_last']:,.1f} images/s): "
+                      f"{like['ratio_of_medians']:.2f}x (median of round ratios {like['median_paired_ratio']:.2f}x)",
+                      flush=True)
     info["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     info["seconds"] = time.perf_counter() - t0
     if args.json:
