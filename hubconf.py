@@ -19,8 +19,8 @@ try:
 except ImportError:  # a plain checkout: use its sources
     _sys.path.insert(0, str(_Path(__file__).resolve().parent / "src"))
 
-from densenet.models import model_from_config as _model_from_config  # noqa: E402
 from densenet.pretrained import pretrained_names as _pretrained_names  # noqa: E402
+from densenet.registry import model_from_config as _model_from_config  # noqa: E402
 from densenet.weights import load_model as _load_model  # noqa: E402
 
 

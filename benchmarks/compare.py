@@ -37,8 +37,9 @@ import torch.nn.functional as F
 
 import reference
 from densenet.augment import Augmenter
-from densenet.bench import cpu_name, set_malloc_policy
-from densenet.models import create_model, optimize_for_inference
+from densenet.inference import optimize_for_inference
+from densenet.registry import create_model
+from densenet.runtime import cpu_name, set_malloc_policy
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -203,7 +204,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--allocator", choices=("default", "retain", "release"), default="default",
-                        help="glibc malloc policy (see densenet.bench.set_malloc_policy); both sides, process-wide")
+                        help="glibc malloc policy (see densenet.runtime.set_malloc_policy); both sides, process-wide")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
                         help="wall time, or this process's CPU time (robust to a shared machine; use with --threads 1)")
     parser.add_argument("--json", action="store_true", help="print everything as JSON")

@@ -6,7 +6,7 @@ Two parts, each run on a quiet machine (nothing else of yours beside it):
     # fp32 vs bf16 autocast, channels_last vs NCHW, eager vs torch.compile, for candidate models
     .venv/bin/python benchmarks/cpu_levers.py speed --models densenet-bc-mini,densenet-cpu-s --batch 128
 
-    # accuracy of short real trainings (densenet.train.train, the `quick` recipe with overrides);
+    # accuracy of short real trainings (densenet.trainer.train, the `quick` recipe with overrides);
     # two variants can run side by side with --threads 1 each (they slow each other alike)
     .venv/bin/python benchmarks/cpu_levers.py accuracy --data-dir ../shared/data/cifar10-jpeg \\
         --set '{"model": "densenet-cpu-s", "whiten": true}' --subset 25000 --epochs 2
@@ -24,8 +24,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from densenet.bench import set_malloc_policy
-from densenet.models import create_model
+from densenet.registry import create_model
+from densenet.runtime import set_malloc_policy
 
 
 def step_speed(model_name: str, batch: int, amp: str, channels_last: bool, compile_: bool,
@@ -85,7 +85,7 @@ def main() -> None:
                 print(json.dumps(step_speed(name, args.batch, amp, cl, comp)), flush=True)
         return
 
-    from densenet.train import train
+    from densenet.trainer import train
 
     settings = dict(recipe="quick", data_dir=args.data_dir, subset=args.subset, epochs=args.epochs,
                     warmup_epochs=0.25 * args.epochs, max_minutes=None, weights_dir=None, progress="lines",

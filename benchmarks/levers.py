@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 import compare
 import reference
-from densenet import models
-from densenet.bench import cpu_name, set_malloc_policy
-from densenet.models import optimize_for_inference
+from densenet import inference
+from densenet.inference import optimize_for_inference
+from densenet.runtime import cpu_name, set_malloc_policy
 
 
 def infer_variants(batch: int, with_compile: bool) -> tuple[dict[str, Callable[[], None]], dict]:
@@ -53,12 +53,12 @@ def infer_variants(batch: int, with_compile: bool) -> tuple[dict[str, Callable[[
             model(inp)
 
     def unchunked():
-        saved = models.CHUNK_BYTES
-        models.CHUNK_BYTES = 2**62
+        saved = inference.CHUNK_BYTES
+        inference.CHUNK_BYTES = 2**62
         try:
             inference_mode(fast, x)
         finally:
-            models.CHUNK_BYTES = saved
+            inference.CHUNK_BYTES = saved
 
     variants = {
         "reference (recursive cat, NCHW, no_grad)": lambda: no_grad(ref, x),
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="infer: add torch.compile (compile time reported)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--allocator", choices=("default", "retain", "release"), default="default",
-                        help="glibc malloc policy (see densenet.bench.set_malloc_policy), process-wide")
+                        help="glibc malloc policy (see densenet.runtime.set_malloc_policy), process-wide")
     parser.add_argument("--clock", choices=tuple(compare.CLOCKS), default="wall")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()

@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from densenet.bench import cpu_name, set_malloc_policy
+from densenet.runtime import cpu_name, set_malloc_policy
 
 
 def bench_child(model: str, batch: int, efficient: bool, threads: int | None, allocator: str,
@@ -113,7 +113,7 @@ def main() -> None:
                         help="train: each mode with the malloc policy `densenet train` gives it (retain for both since "
                              "2026-11-22); same: both with --allocator")
     parser.add_argument("--allocator", choices=("default", "retain", "release"), default="default",
-                        help="glibc malloc policy of the children and of the timing (densenet.bench.set_malloc_policy)")
+                        help="glibc malloc policy of the children and of the timing (densenet.runtime.set_malloc_policy)")
     args = parser.parse_args()
     if not set_malloc_policy(args.allocator):
         raise SystemExit(f"--allocator {args.allocator} needs glibc")

@@ -5,7 +5,7 @@ that load from other processes hits all of them alike), the median of ``--repeat
 
 * ``torch eager``: the model in eval mode under ``torch.inference_mode``, NCHW float32;
 * ``torch channels_last``: the same with model and input in channels_last memory format;
-* ``torch optimized``: :func:`densenet.models.optimize_for_inference` (folded batch norms,
+* ``torch optimized``: :func:`densenet.inference.optimize_for_inference` (folded batch norms,
   preallocated block maps, channels_last), the package's fastest PyTorch path;
 * ``onnxruntime``: the graph ``densenet export --dynamic-batch`` writes (symbolic batch);
 * with ``--fixed``, ``onnxruntime fixed``: a graph exported for exactly this batch size;
@@ -36,8 +36,9 @@ from functools import partial
 import torch
 
 from densenet.export import export_to_proto
-from densenet.models import create_model, optimize_for_inference
+from densenet.inference import optimize_for_inference
 from densenet.onnx_runtime import OnnxModel, make_session
+from densenet.registry import create_model
 
 
 def timed(fn, min_seconds: float) -> float:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from densenet.data import load_dataset
-from densenet.evaluate import evaluate
+from densenet.inference import evaluate
 from densenet.pretrained import PRETRAINED_DIR
 from densenet.weights import load_model, save_model
 

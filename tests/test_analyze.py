@@ -10,7 +10,7 @@ from torch import nn
 
 from densenet.analysis import analyze_model
 from densenet.cli import main
-from densenet.models import create_model
+from densenet.registry import create_model
 
 CIFAR121_SHAPES = {
     "stem": [64, 32, 32],

@@ -184,6 +184,25 @@ def test_options_switched_off_leave_images_alone():
     assert torch.equal(aug(x, torch.Generator().manual_seed(0)), aug(x, train=False))
 
 
+def test_alternating_flip_shows_every_image_both_ways_in_two_epochs():
+    x = _images(64)
+    aug = Augmenter(MEAN, STD, crop_padding=0, alternate_flip=True)
+    plain = aug(x, train=False)
+    index = torch.randperm(64, generator=torch.Generator().manual_seed(3))  # batches hold any images
+
+    def flipped(epoch: int, seed: int) -> list[bool]:
+        out = aug(x, torch.Generator().manual_seed(seed), index=index, epoch=epoch)
+        assert all(torch.equal(o, p) or torch.equal(o, p.flip(-1)) for o, p in zip(out, plain[index]))
+        return [torch.equal(o, p.flip(-1)) for o, p in zip(out, plain[index])]
+
+    even, odd = flipped(0, seed=0), flipped(1, seed=1)
+    assert [not f for f in even] == odd  # each image one way in epoch 0, the other way in epoch 1
+    assert 20 <= sum(even) <= 44  # about half of them each epoch
+    assert flipped(2, seed=7) == even  # the generator does not matter, the epoch's parity does
+    with pytest.raises(ConfigError, match="alternate_flip needs flip"):
+        Augmenter(MEAN, STD, flip=False, alternate_flip=True)
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ConfigError):
         Augmenter(MEAN, (0.2, 0.0, 0.2))

@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from densenet import bench, cli
+from densenet import bench, cli, runtime
+from densenet.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)
@@ -105,12 +106,12 @@ def test_child_argv_reproduces_the_settings():
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc policies need glibc")
 def test_malloc_policies():
-    code = ("from densenet import bench; print(bench.set_malloc_policy('release'), bench.set_malloc_policy('retain'), "
-            "bench.set_malloc_policy('default'))")
+    code = ("from densenet import runtime; print(runtime.set_malloc_policy('release'), "
+            "runtime.set_malloc_policy('retain'), runtime.set_malloc_policy('default'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "True", "True"]
-    with pytest.raises(bench.ConfigError, match="allocator policy"):
-        bench.set_malloc_policy("jemalloc")
+    with pytest.raises(ConfigError, match="allocator policy"):
+        runtime.set_malloc_policy("jemalloc")
 
 
 def test_auto_settings_are_chosen_in_one_place():

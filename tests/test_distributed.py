@@ -21,9 +21,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import densenet.train as T
 from densenet import cli
+from densenet import config as C
 from densenet import distributed as D
-from densenet import train as T
+from densenet import trainer as TR
 from densenet.augment import epoch_batches
 from densenet.errors import ConfigError
 from densenet.weights import load_checkpoint
@@ -81,7 +83,7 @@ def launch(command: list[str], env: dict, cwd: Path, timeout: float = 240) -> su
 
 def environment(tmp: Path, debug: Path | None, own_cache: bool = True, **extra) -> dict:
     env = dict(os.environ)
-    for key in (*D.ENV_VARS, "MASTER_ADDR", "MASTER_PORT", T.SIGTERM_AFTER_STEP_ENV, D.DEBUG_ENV):
+    for key in (*D.ENV_VARS, "MASTER_ADDR", "MASTER_PORT", TR.SIGTERM_AFTER_STEP_ENV, D.DEBUG_ENV):
         env.pop(key, None)
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if own_cache:
@@ -230,7 +232,7 @@ def test_resume_of_a_stopped_run_gives_the_same_weights(ddp_run, tiny_data, tmp_
     out, debug = tmp_path / "run", tmp_path / "debug"
     # both processes get SIGTERM after global step 9 (epoch 2, step 3 of 6): they stop together
     stopped = launch(torchrun("-m", "densenet", "train", *train_args(tiny_data, out)),
-                     environment(tmp_path, debug, **{T.SIGTERM_AFTER_STEP_ENV: "9"}), tmp_path)
+                     environment(tmp_path, debug, **{TR.SIGTERM_AFTER_STEP_ENV: "9"}), tmp_path)
     assert stopped.returncode != 0
     checkpoint = load_checkpoint(out / "checkpoint-last.pt")
     assert (checkpoint["epoch"], checkpoint["step_in_epoch"], checkpoint["world_size"]) == (1, 3, 2)
@@ -258,23 +260,23 @@ def test_resume_of_a_stopped_run_gives_the_same_weights(ddp_run, tiny_data, tmp_
     # a checkpoint stopped in the middle of a 2-process epoch cannot go on in one process
     args = cli.build_parser().parse_args(["train", "--resume", str(mid_epoch), "--progress", "none"])
     with pytest.raises(ConfigError, match="2 processes"):
-        T.train(T.config_from_args(args))
+        TR.train(T.config_from_args(args))
 
 
 def test_a_ddp_checkpoint_goes_on_in_one_process_at_an_epoch_boundary(ddp_run, tmp_path, monkeypatch):
     monkeypatch.setenv("DENSENET_CACHE", str(ddp_run["tmp"] / "cache"))
-    monkeypatch.delenv(T.SIGTERM_AFTER_STEP_ENV, raising=False)
+    monkeypatch.delenv(TR.SIGTERM_AFTER_STEP_ENV, raising=False)
     monkeypatch.delenv(D.DEBUG_ENV, raising=False)
     stored = load_checkpoint(ddp_run["out"] / "checkpoint-last.pt")
-    config = T.make_config(stored["config"], epochs=3, resume=str(ddp_run["out"]),
+    config = C.make_config(stored["config"], epochs=3, resume=str(ddp_run["out"]),
                            out_dir=str(tmp_path / "one"), weights_dir=None, progress="none")
-    result = T.train(config)
+    result = TR.train(config)
     assert result.stop_reason == "completed" and len(result.history) == 3
     final = load_checkpoint(tmp_path / "one" / "checkpoint-last.pt")
     # 12 single-process steps per epoch (99 // 8) after 2 epochs: the schedule counts from 2 * 12
     assert final["world_size"] == 1 and final["global_step"] == 36 and final["scheduler"]["last_epoch"] == 36
     # the cosine schedule ends at 0 after 3 x 12 steps (without the rebase it would be at 24 of 36)
-    assert result.history[-1]["lr"] == 0.05 * T.lr_factor(36, 12, config) == 0.0
+    assert result.history[-1]["lr"] == 0.05 * C.lr_factor(36, 12, config) == 0.0
 
 
 # --- failures ---------------------------------------------------------------------------------
@@ -293,12 +295,12 @@ def _wait_for(predicate, timeout: float, proc) -> None:
 def test_killing_one_process_stops_the_other_within_60_s(tiny_data, tmp_path, monkeypatch):
     """A single-process checkpoint resumed by 2 processes; then rank 1 is killed."""
     monkeypatch.setenv("DENSENET_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv(T.SIGTERM_AFTER_STEP_ENV, str(99 // BATCH))  # stop at the end of epoch 1
+    monkeypatch.setenv(TR.SIGTERM_AFTER_STEP_ENV, str(99 // BATCH))  # stop at the end of epoch 1
     monkeypatch.delenv(D.DEBUG_ENV, raising=False)
     out, debug = tmp_path / "run", tmp_path / "debug"
     argv = ["train", *train_args(tiny_data, out, "--progress", "none"), "--epochs", "300"]
     args = cli.build_parser().parse_args(argv)
-    result = T.train(T.config_from_args(args))
+    result = TR.train(T.config_from_args(args))
     assert result.stop_reason == "SIGTERM" and result.epochs_completed == 1
     before = (out / "checkpoint-last.pt").read_bytes()
 
@@ -366,6 +368,7 @@ def test_a_hung_process_makes_the_other_fail_after_the_timeout(tiny_data, tmp_pa
     ["--model", "densenet-bc-10-4", "--epochs", "3", "--lr", "0.1", "--no-flip", "--nesterov"],
     ["--recipe", "quick", "--no-channels-last", "--milestones", "0.5,0.75", "--weight-decay", "1e-05"],
     ["--resume", "auto", "--out-dir", "runs/x y", "--sync-bn", "--dist-timeout", "30"],
+    ["--model-kwargs", '{"growth_rate": 8, "block_config": [2, 2, 2]}', "--tensorboard", "--flip"],
 ])
 def test_the_nproc_shortcut_passes_the_other_arguments_on(argv):
     parser = argparse.ArgumentParser()

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from densenet import cli
 from densenet.data import load_dataset
 from densenet.errors import DataError, ImageError
-from densenet.evaluate import align_classes, evaluate
+from densenet.inference import align_classes, evaluate
 from densenet.predict import predict
-from densenet.train import train
+from densenet.trainer import train
 from densenet.weights import load_model
 from helpers import coloured_image_folder
 

@@ -297,7 +297,7 @@ def run_json(capsys, argv: list[str]):
 
 def test_evaluate_api_onnx_equals_pytorch(exported, weights_dir, image_folder, monkeypatch, tmp_path):
     from densenet.data import load_dataset
-    from densenet.evaluate import evaluate
+    from densenet.inference import evaluate
 
     monkeypatch.setenv("DENSENET_CACHE", str(tmp_path / "cache"))
     dataset = load_dataset(image_folder, split="test")
@@ -359,17 +359,17 @@ def test_cli_corrupt_onnx_weights_one_line_error(tmp_path, capsys):
 
 
 def test_cli_predict_picks_the_fast_path_for_each_format(exported, weights_dir, image_folder, monkeypatch, capsys):
-    import densenet.models as models
+    import densenet.inference as inference
 
     seen = []
-    original = models.optimize_for_inference
+    original = inference.optimize_for_inference
 
     def spy(model, **kwargs):
         result = original(model, **kwargs)
         seen.append((type(model).__name__, type(result).__name__))
         return result
 
-    monkeypatch.setattr(models, "optimize_for_inference", spy)
+    monkeypatch.setattr(inference, "optimize_for_inference", spy)
     image = str(image_folder / "test" / "cat" / "0000.png")
     assert main(["predict", "--weights", str(weights_dir), image]) == 0
     assert main(["predict", "--weights", str(exported[0]), image]) == 0

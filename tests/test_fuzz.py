@@ -42,8 +42,8 @@ from PIL import Image
 from densenet import cli
 from densenet.data import IMAGE_EXTENSIONS, decode_image, load_dataset
 from densenet.errors import DataError, DenseNetError, ImageError, WeightsError
-from densenet.models import create_model
 from densenet.predict import image_to_tensor, load_image, predict
+from densenet.registry import create_model
 from densenet.weights import load_model, make_meta, save_checkpoint, save_model
 from helpers import add_to_reliability_summary
 

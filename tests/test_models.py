@@ -11,18 +11,16 @@ import torch
 from torch import nn
 
 from densenet.errors import ConfigError, WeightsError
-from densenet.models import (
-    DenseNet,
-    count_parameters,
+from densenet.models import DenseNet, count_parameters, densenet121_cifar
+from densenet.registry import (
     create_model,
-    densenet121_cifar,
     describe_models,
     list_models,
-    load_state_dict_compat,
     model_from_config,
     register_arch,
     register_model,
 )
+from densenet.weights import load_state_dict_compat
 
 # name -> exact parameter count (published/torchvision figures); the project's own models are checked
 # against the composition formula in test_cifar_models_match_the_composition_formula

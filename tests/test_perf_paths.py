@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densenet import models
-from densenet.models import DenseNet, InferenceDenseNet, create_model, optimize_for_inference
+from densenet import inference
+from densenet.inference import InferenceDenseNet, optimize_for_inference
+from densenet.models import DenseNet
+from densenet.registry import create_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import reference  # noqa: E402
@@ -92,7 +94,7 @@ def test_chunked_cpu_batches_equal_one_batch(monkeypatch):
     whole = fast(x)
     # densenet-bc-mini's widest map: block 1, 96 channels at 16x16 (98,304 bytes per image); 3 per chunk
     assert fast._largest_map_elements(32, 32) == max(96 * 16 * 16, 192 * 8 * 8, 192 * 4 * 4)
-    monkeypatch.setattr(models, "CHUNK_BYTES", 3 * 96 * 16 * 16 * 4)
+    monkeypatch.setattr(inference, "CHUNK_BYTES", 3 * 96 * 16 * 16 * 4)
     calls = []
     original = InferenceDenseNet._forward
     monkeypatch.setattr(InferenceDenseNet, "_forward", lambda self, part: calls.append(len(part)) or original(self, part))

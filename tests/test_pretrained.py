@@ -13,8 +13,9 @@ import torch
 import densenet
 from densenet.cli import main
 from densenet.errors import WeightsError
-from densenet.models import create_model, whiten_stem
+from densenet.models import whiten_stem
 from densenet.pretrained import PRETRAINED_DIR, pretrained_card, pretrained_names, resolve_weights
+from densenet.registry import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = pretrained_names()

@@ -26,22 +26,17 @@ def make_image_folder(root: Path, per_class=(16, 4)) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, module_cache):
     """Two one-epoch runs: A (DenseNet-BC) with confusion.json from densenet evaluate, B (basic) without."""
     tmp = tmp_path_factory.mktemp("report")
     data = make_image_folder(tmp / "data")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("DENSENET_CACHE", str(tmp / "cache"))
-    try:
-        for name, model in (("A", "densenet-bc-10-4"), ("B", "densenet-10-4")):
-            assert main(["train", "--model", model, "--data-dir", str(data), "--epochs", "1", "--batch-size", "16",
-                         "--lr", "0.05", "--device", "cpu", "--out-dir", str(tmp / name), "--weights-dir", "",
-                         "--progress", "none"]) == 0
-        assert main(["evaluate", "--weights", str(tmp / "A"), "--data-dir", str(data), "--json"]) == 0
-        assert main(["evaluate", "--weights", str(tmp / "B"), "--data-dir", str(data), "--out", str(tmp / "evalB"),
-                     "--json"]) == 0
-    finally:
-        mp.undo()
+    for name, model in (("A", "densenet-bc-10-4"), ("B", "densenet-10-4")):
+        assert main(["train", "--model", model, "--data-dir", str(data), "--epochs", "1", "--batch-size", "16",
+                     "--lr", "0.05", "--device", "cpu", "--out-dir", str(tmp / name), "--weights-dir", "",
+                     "--progress", "none"]) == 0
+    assert main(["evaluate", "--weights", str(tmp / "A"), "--data-dir", str(data), "--json"]) == 0
+    assert main(["evaluate", "--weights", str(tmp / "B"), "--data-dir", str(data), "--out", str(tmp / "evalB"),
+                 "--json"]) == 0
     return tmp
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from densenet.cli import main
-from densenet.models import count_parameters, create_model, describe_models, list_models, model_from_config
+from densenet.models import count_parameters
+from densenet.registry import create_model, describe_models, list_models, model_from_config
 from densenet.resnet import ResNet
 from densenet.weights import load_model, save_model
 from helpers import channel_image_folder
@@ -100,19 +101,13 @@ def make_image_folder(root: Path, per_class=(8, 4)) -> Path:
 
 
 @pytest.fixture(scope="module")
-def resnet_run(tmp_path_factory):
+def resnet_run(tmp_path_factory, module_cache):
     """``densenet train --model resnet18-cifar`` for one epoch of 24 tiny images."""
     tmp = tmp_path_factory.mktemp("resnet")
     data = make_image_folder(tmp / "data")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("DENSENET_CACHE", str(tmp / "cache"))
-    try:
-        code = main(["train", "--model", "resnet18-cifar", "--data-dir", str(data), "--epochs", "1",
-                     "--batch-size", "8", "--lr", "0.01", "--schedule", "constant", "--device", "cpu",
-                     "--out-dir", str(tmp / "run"), "--weights-dir", str(tmp / "w"), "--progress", "none"])
-    finally:
-        mp.undo()
-    assert code == 0
+    assert main(["train", "--model", "resnet18-cifar", "--data-dir", str(data), "--epochs", "1",
+                 "--batch-size", "8", "--lr", "0.01", "--schedule", "constant", "--device", "cpu",
+                 "--out-dir", str(tmp / "run"), "--weights-dir", str(tmp / "w"), "--progress", "none"]) == 0
     return tmp / "run"
 
 

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from densenet.cli import main
-from densenet.models import DenseNet, create_model
+from densenet.models import DenseNet
+from densenet.registry import create_model
 from densenet.reuse import feature_reuse
 from densenet.weights import save_model
 

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from densenet import train as T
+from densenet import trainer as TR
 from densenet.cli import main
 from densenet.errors import ConfigError
-from densenet.models import count_parameters, create_model
-from densenet.sweep import DONE_MARKER, parse_values, sweep, variant_model
+from densenet.models import count_parameters
+from densenet.registry import create_model
+from densenet.sweep import DONE_MARKER, parse_values, sweep, variant_label, variant_model
 from densenet.weights import load_checkpoint, load_model
 from helpers import channel_image_folder
 
@@ -27,14 +28,12 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    from densenet import models
+def _registers_nothing(isolated_run):
+    from densenet import registry
 
-    monkeypatch.setenv("DENSENET_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv(T.SIGTERM_AFTER_STEP_ENV, raising=False)
-    monkeypatch.chdir(tmp_path)
-    # the sweep registers its model variants; keep them out of other tests' registry
-    monkeypatch.setattr(models, "_MODELS", dict(models._MODELS))
+    names = registry.list_models()
+    yield
+    assert registry.list_models() == names  # a sweep registers nothing
 
 
 def settings(data, **kw) -> dict:
@@ -54,17 +53,20 @@ def test_parse_values():
 
 
 def test_variants_follow_the_paper_families_or_override():
-    assert variant_model("densenet-bc-100-12", "growth_rate", 24) == "densenet-bc-100-24"
-    assert variant_model("densenet-bc-100-12", "depth", 40) == "densenet-bc-40-12"
-    assert variant_model("densenet-40-12", "depth", 100) == "densenet-100-12"
-    name = variant_model("densenet-bc-mini", "compression", 0.25)
-    assert name == "densenet-bc-mini@compression=0.25"
-    model = create_model(name)
+    assert variant_model("densenet-bc-100-12", "growth_rate", 24) == ("densenet-bc-100-24", {})
+    assert variant_model("densenet-bc-100-12", "depth", 40) == ("densenet-bc-40-12", {})
+    assert variant_model("densenet-40-12", "depth", 100) == ("densenet-100-12", {})
+    name, kwargs = variant_model("densenet-bc-mini", "compression", 0.25)
+    assert (name, kwargs) == ("densenet-bc-mini", {"compression": 0.25})
+    assert variant_label(name, kwargs) == "densenet-bc-mini@compression=0.25"
+    model = create_model(name, **kwargs)
     assert model.config["compression"] == 0.25 and model.config["name"] == name
     assert model.features.transition1.conv.out_channels == int(0.25 * (24 + 6 * 12))
-    assert count_parameters(create_model(variant_model("densenet121-cifar", "growth_rate", 12))) == count_parameters(
+    name, kwargs = variant_model("densenet121-cifar", "growth_rate", 12)
+    assert count_parameters(create_model(name, **kwargs)) == count_parameters(
         create_model("densenet121-cifar", growth_rate=12))
-    assert create_model(variant_model("densenet-bc-mini", "bn_size", 0)).config["bn_size"] == 0
+    name, kwargs = variant_model("densenet-bc-mini", "bn_size", 0)
+    assert create_model(name, **kwargs).config["bn_size"] == 0
     with pytest.raises(ConfigError, match="--param depth needs a densenet-bc-L-k or densenet-L-k model"):
         variant_model("densenet-bc-mini", "depth", 40)
     with pytest.raises(ConfigError, match="compression=1.5 does not work for densenet-bc-mini: compression must"):
@@ -83,7 +85,7 @@ def test_sweep_skips_finished_resumes_interrupted_and_tabulates(data, tmp_path, 
     weights_before = (run2 / "model.safetensors").stat().st_mtime_ns
 
     # a second invocation with one more value, stopped by SIGTERM after 2 of the new run's 3 steps
-    monkeypatch.setenv(T.SIGTERM_AFTER_STEP_ENV, "2")
+    monkeypatch.setenv(TR.SIGTERM_AFTER_STEP_ENV, "2")
     said = []
     second = sweep("growth_rate", [2, 4], settings(data), out, say=said.append)
     assert second["stopped"] == "SIGTERM"
@@ -95,7 +97,7 @@ def test_sweep_skips_finished_resumes_interrupted_and_tabulates(data, tmp_path, 
     assert [r["status"] for r in second["rows"]] == ["done", "unfinished"]
 
     # the third invocation resumes the interrupted run at step 2 and finishes it
-    monkeypatch.delenv(T.SIGTERM_AFTER_STEP_ENV)
+    monkeypatch.delenv(TR.SIGTERM_AFTER_STEP_ENV)
     third = sweep("growth_rate", [2, 4], settings(data), out, say=lambda _: None)
     assert third["stopped"] == "" and [r["status"] for r in third["rows"]] == ["done", "done"]
     assert json.loads((run4 / "config.json").read_text())["resumed_from"] == str(run4 / "checkpoint-last.pt")
@@ -134,6 +136,22 @@ def test_cli_override_sweep_trains_the_variant(data, tmp_path, capsys):
     model, meta = load_model(out / "compression-0.25")
     assert model.config["compression"] == 0.25 and model.features.transition1.conv.out_channels == 3
     assert meta["training"]["finished"]
+
+
+def test_a_sweep_run_resumes_with_plain_densenet_train(data, tmp_path, monkeypatch, capsys):
+    # the variant is a model name plus model_kwargs stored in the checkpoint, not a registered name
+    out = tmp_path / "s"
+    monkeypatch.setenv(TR.SIGTERM_AFTER_STEP_ENV, "1")
+    stopped = sweep("compression", [0.25], settings(data, epochs=2), out, say=lambda _: None)
+    assert stopped["stopped"] == "SIGTERM"
+    monkeypatch.delenv(TR.SIGTERM_AFTER_STEP_ENV)
+    run_dir = out / "compression-0.25"
+    assert load_checkpoint(run_dir / "checkpoint-last.pt")["config"]["model_kwargs"] == {"compression": 0.25}
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    capsys.readouterr()
+    model, meta = load_model(run_dir)
+    assert model.config["compression"] == 0.25 and meta["training"]["epochs_completed"] == 2
+    assert load_checkpoint(run_dir / "checkpoint-last.pt")["global_step"] == 6
 
 
 @pytest.mark.parametrize("argv,message", [

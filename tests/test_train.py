@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import densenet.train as T
 from densenet import cli
-from densenet import train as T
-from densenet.errors import ConfigError, DenseNetError, ResourceError
+from densenet import config as C
+from densenet import trainer as TR
+from densenet.errors import ConfigError, DenseNetError, ResourceError, TrainingError
 from densenet.weights import load_checkpoint, load_model
 from helpers import coloured_image_folder
 
@@ -34,19 +36,15 @@ def tiny_data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("tiny") / "data")
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("DENSENET_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv(T.SIGTERM_AFTER_STEP_ENV, raising=False)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated_run")
 
 
-def tiny_config(data, out, **kw) -> T.TrainConfig:
+def tiny_config(data, out, **kw) -> C.TrainConfig:
     values = dict(model="densenet-bc-10-4", data_dir=str(data), epochs=2, batch_size=16, lr=0.05,
                   schedule="cosine", out_dir=None if out is None else str(out), weights_dir=None, device="cpu", progress="none",
                   threads=1)
     values.update(kw)
-    return T.TrainConfig(**values)
+    return C.TrainConfig(**values)
 
 
 def state(path) -> dict:
@@ -57,31 +55,31 @@ def state(path) -> dict:
 
 
 def test_step_schedule_epochs_and_fractions():
-    c = T.TrainConfig(epochs=10, schedule="step", milestones=[5, 8], gamma=0.1)
+    c = C.TrainConfig(epochs=10, schedule="step", milestones=[5, 8], gamma=0.1)
     spe = 4
-    factors = [T.lr_factor(s, spe, c) for s in range(40)]
+    factors = [C.lr_factor(s, spe, c) for s in range(40)]
     assert factors[:20] == [1.0] * 20
     assert factors[20:32] == pytest.approx([0.1] * 12)
     assert factors[32:] == pytest.approx([0.01] * 8)
-    as_fractions = T.TrainConfig(epochs=10, schedule="step", milestones=[0.5, 0.8], gamma=0.1)
-    assert [T.lr_factor(s, spe, as_fractions) for s in range(40)] == factors
+    as_fractions = C.TrainConfig(epochs=10, schedule="step", milestones=[0.5, 0.8], gamma=0.1)
+    assert [C.lr_factor(s, spe, as_fractions) for s in range(40)] == factors
 
 
 def test_warmup_cosine_onecycle_constant():
     spe = 10
-    cos = T.TrainConfig(epochs=10, schedule="cosine", warmup_epochs=2)
-    assert [T.lr_factor(s, spe, cos) for s in range(3)] == pytest.approx([0.05, 0.10, 0.15])
-    assert T.lr_factor(19, spe, cos) == 1.0
-    assert T.lr_factor(20, spe, cos) == 1.0
-    assert T.lr_factor(60, spe, cos) == pytest.approx(0.5)  # half way through the cosine
-    assert T.lr_factor(99, spe, cos) == pytest.approx(0.5 * (1 + math.cos(math.pi * 79 / 80)))
-    one = T.TrainConfig(epochs=10, schedule="onecycle")  # default warm-up: 30% of the epochs
-    assert T.warmup_epochs(one) == pytest.approx(3.0)
-    assert T.lr_factor(29, spe, one) == 1.0
-    assert T.lr_factor(30, spe, one) == 1.0
-    assert T.lr_factor(65, spe, one) == pytest.approx(0.5)
-    assert T.lr_factor(99, spe, one) == pytest.approx(1 / 70)
-    assert T.lr_factor(57, spe, T.TrainConfig(epochs=10, schedule="constant")) == 1.0
+    cos = C.TrainConfig(epochs=10, schedule="cosine", warmup_epochs=2)
+    assert [C.lr_factor(s, spe, cos) for s in range(3)] == pytest.approx([0.05, 0.10, 0.15])
+    assert C.lr_factor(19, spe, cos) == 1.0
+    assert C.lr_factor(20, spe, cos) == 1.0
+    assert C.lr_factor(60, spe, cos) == pytest.approx(0.5)  # half way through the cosine
+    assert C.lr_factor(99, spe, cos) == pytest.approx(0.5 * (1 + math.cos(math.pi * 79 / 80)))
+    one = C.TrainConfig(epochs=10, schedule="onecycle")  # default warm-up: 30% of the epochs
+    assert C.warmup_epochs(one) == pytest.approx(3.0)
+    assert C.lr_factor(29, spe, one) == 1.0
+    assert C.lr_factor(30, spe, one) == 1.0
+    assert C.lr_factor(65, spe, one) == pytest.approx(0.5)
+    assert C.lr_factor(99, spe, one) == pytest.approx(1 / 70)
+    assert C.lr_factor(57, spe, C.TrainConfig(epochs=10, schedule="constant")) == 1.0
 
 
 @pytest.mark.parametrize(
@@ -123,32 +121,32 @@ def test_recipe_then_flags_precedence():
     parser = cli.build_parser()
     args = parser.parse_args(["train", "--recipe", "quick", "--lr", "0.1", "--no-flip"])
     config = T.config_from_args(args)
-    quick = T.RECIPES["quick"]["settings"]
+    quick = C.RECIPES["quick"]["settings"]
     assert config.lr == 0.1 and config.flip is False  # flags win
     assert config.epochs == quick["epochs"] and config.model == quick["model"] == "densenet-cpu-s"  # recipe beats defaults
     assert config.recipe == "quick"
     plain = T.config_from_args(parser.parse_args(["train", "--milestones", "0.5,0.75"]))
-    assert plain == T.TrainConfig(milestones=[0.5, 0.75])
-    default = T.TrainConfig()
-    assert T.milestone_epochs(default) == [50, 75]  # the original design's, at its 200 epochs
-    assert T.milestone_epochs(T.make_config(recipe="original")) == [50, 75]
-    assert T.milestone_epochs(T.make_config(recipe="paper")) == [150, 225]
-    for name in T.RECIPES:
-        T.validate(T.make_config(recipe=name, device="cpu"))
+    assert plain == C.TrainConfig(milestones=[0.5, 0.75])
+    default = C.TrainConfig()
+    assert C.milestone_epochs(default) == [50, 75]  # the original design's, at its 200 epochs
+    assert C.milestone_epochs(C.make_config(recipe="original")) == [50, 75]
+    assert C.milestone_epochs(C.make_config(recipe="paper")) == [150, 225]
+    for name in C.RECIPES:
+        C.validate(C.make_config(recipe=name, device="cpu"))
 
 
 def test_list_recipes(capsys):
     assert cli.main(["train", "--list-recipes"]) == 0
     out = capsys.readouterr().out
-    for name in ("original", "paper", "quick", "cpu-30m", "fast"):
+    for name in ("original", "paper", "quick", "cpu-30m", "cpu-90m", "fast"):
         assert f"{name}:" in out
     assert "--milestones [0.5, 0.75]" in out
 
 
 def test_batch_seed_is_stable_and_distinct():
-    seeds = {T.batch_seed(0, e, i) for e in range(3) for i in range(50)}
+    seeds = {TR.batch_seed(0, e, i) for e in range(3) for i in range(50)}
     assert len(seeds) == 150
-    assert T.batch_seed(3, 1, 2) == T.batch_seed(3, 1, 2)
+    assert TR.batch_seed(3, 1, 2) == TR.batch_seed(3, 1, 2)
     assert all(0 <= s < 2**63 for s in seeds)
 
 
@@ -157,7 +155,7 @@ def test_batch_seed_is_stable_and_distinct():
 
 def test_run_directory_and_weights(tiny_data, tmp_path):
     out = tmp_path / "run"
-    result = T.train(tiny_config(tiny_data, out, weights_dir=str(tmp_path / "w"), val_split=16, ema=0.9))
+    result = TR.train(tiny_config(tiny_data, out, weights_dir=str(tmp_path / "w"), val_split=16, ema=0.9))
     assert result.stop_reason == "completed" and result.epochs_completed == 2 and result.exit_code == 0
     for name in ("config.json", "metrics.csv", "metrics.jsonl", "curves.png", "checkpoint-last.pt",
                  "checkpoint-best.pt", "model.safetensors", "model.json"):
@@ -206,18 +204,18 @@ def _assert_same(a: dict, b: dict) -> None:
 def test_resume_gives_identical_weights(tiny_data, tmp_path, monkeypatch, stop_step):
     # dropout and EMA make the RNG state and the averaged weights part of what must be restored
     kw = dict(epochs=3, dropout=0.1, ema=0.8, schedule="onecycle", warmup_epochs=1)
-    whole = T.train(tiny_config(tiny_data, tmp_path / "whole", **kw))
+    whole = TR.train(tiny_config(tiny_data, tmp_path / "whole", **kw))
     assert whole.stop_reason == "completed"
 
-    monkeypatch.setenv(T.SIGTERM_AFTER_STEP_ENV, str(stop_step))  # 6 steps per epoch
-    first = T.train(tiny_config(tiny_data, tmp_path / "split", **kw))
+    monkeypatch.setenv(TR.SIGTERM_AFTER_STEP_ENV, str(stop_step))  # 6 steps per epoch
+    first = TR.train(tiny_config(tiny_data, tmp_path / "split", **kw))
     assert first.stop_reason == "SIGTERM" and first.exit_code == 143
     ckpt = state(tmp_path / "split" / "checkpoint-last.pt")
     assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]) == divmod(stop_step, 6) + (stop_step,)
     assert not (tmp_path / "split" / "model.safetensors").exists()
-    monkeypatch.delenv(T.SIGTERM_AFTER_STEP_ENV)
+    monkeypatch.delenv(TR.SIGTERM_AFTER_STEP_ENV)
 
-    second = T.train(tiny_config(tiny_data, tmp_path / "split", resume="auto", **kw))
+    second = TR.train(tiny_config(tiny_data, tmp_path / "split", resume="auto", **kw))
     assert second.stop_reason == "completed" and second.epochs_completed == 3
     _assert_same(_final_weights(tmp_path / "whole"), _final_weights(tmp_path / "split"))
     # the metrics of the interrupted epoch are those of the uninterrupted run
@@ -230,10 +228,11 @@ def test_resume_gives_identical_weights(tiny_data, tmp_path, monkeypatch, stop_s
 
 def test_whitened_stem_stays_frozen_and_resumes_exactly(tiny_data, tmp_path, monkeypatch):
     from densenet.data import load_dataset
-    from densenet.models import create_model, whiten_stem
+    from densenet.models import whiten_stem
+    from densenet.registry import create_model
 
     kw = dict(model="densenet-cpu-s", whiten=True, epochs=2, schedule="onecycle", warmup_epochs=0.5)
-    whole = T.train(tiny_config(tiny_data, tmp_path / "whole", **kw))
+    whole = TR.train(tiny_config(tiny_data, tmp_path / "whole", **kw))
     assert whole.stop_reason == "completed"
     train_set = load_dataset(str(tiny_data), split="train")
     expected = create_model("densenet-cpu-s")
@@ -246,22 +245,22 @@ def test_whitened_stem_stays_frozen_and_resumes_exactly(tiny_data, tmp_path, mon
     assert torch.allclose(stem, expected.features.conv0.weight, rtol=1e-4, atol=1e-5)
     assert not torch.equal(final["model"]["classifier.weight"], expected.classifier.weight)
 
-    monkeypatch.setenv(T.SIGTERM_AFTER_STEP_ENV, "8")  # mid-epoch 2 (6 steps per epoch)
-    assert T.train(tiny_config(tiny_data, tmp_path / "split", **kw)).stop_reason == "SIGTERM"
-    monkeypatch.delenv(T.SIGTERM_AFTER_STEP_ENV)
+    monkeypatch.setenv(TR.SIGTERM_AFTER_STEP_ENV, "8")  # mid-epoch 2 (6 steps per epoch)
+    assert TR.train(tiny_config(tiny_data, tmp_path / "split", **kw)).stop_reason == "SIGTERM"
+    monkeypatch.delenv(TR.SIGTERM_AFTER_STEP_ENV)
     # ... and never trained: after 8 steps it is bit for bit what the finished run ends with
     assert torch.equal(state(tmp_path / "split" / "checkpoint-last.pt")["model"]["features.conv0.weight"], stem)
-    T.train(tiny_config(tiny_data, tmp_path / "split", resume="auto", **kw))
+    TR.train(tiny_config(tiny_data, tmp_path / "split", resume="auto", **kw))
     _assert_same(final, _final_weights(tmp_path / "split"))
     with pytest.raises(ConfigError, match="whiten=True"):
-        T.train(tiny_config(tiny_data, tmp_path / "split", resume="auto", **{**kw, "whiten": False}))
+        TR.train(tiny_config(tiny_data, tmp_path / "split", resume="auto", **{**kw, "whiten": False}))
 
 
 def test_tensorboard_events_hold_the_epoch_metrics(tiny_data, tmp_path):
     pytest.importorskip("tensorboard")  # the tensorboard extra (installed by make test)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    result = T.train(tiny_config(tiny_data, tmp_path / "run", tensorboard=""))
+    result = TR.train(tiny_config(tiny_data, tmp_path / "run", tensorboard=""))
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     rows = result.history
@@ -285,20 +284,20 @@ def test_tensorboard_without_the_package_is_a_one_line_error(tiny_data, monkeypa
                          ids=["cutout", "color-jitter", "tta", "bf16"])
 def test_training_options_learn_and_resume_exactly(tiny_data, tmp_path, monkeypatch, options):
     kw = dict(epochs=2, **options)
-    whole = T.train(tiny_config(tiny_data, tmp_path / "whole", **kw))
+    whole = TR.train(tiny_config(tiny_data, tmp_path / "whole", **kw))
     assert whole.stop_reason == "completed"
     # it learns: below the loss of a uniform guess over the 3 classes, above chance on the test images
     assert whole.history[-1]["train_loss"] < math.log(3) and whole.final_test_acc > 0.5
-    monkeypatch.setenv(T.SIGTERM_AFTER_STEP_ENV, "8")  # mid-epoch 2 (6 steps per epoch)
-    assert T.train(tiny_config(tiny_data, tmp_path / "split", **kw)).stop_reason == "SIGTERM"
-    monkeypatch.delenv(T.SIGTERM_AFTER_STEP_ENV)
-    resumed = T.train(tiny_config(tiny_data, tmp_path / "split", resume="auto", **kw))
+    monkeypatch.setenv(TR.SIGTERM_AFTER_STEP_ENV, "8")  # mid-epoch 2 (6 steps per epoch)
+    assert TR.train(tiny_config(tiny_data, tmp_path / "split", **kw)).stop_reason == "SIGTERM"
+    monkeypatch.delenv(TR.SIGTERM_AFTER_STEP_ENV)
+    resumed = TR.train(tiny_config(tiny_data, tmp_path / "split", resume="auto", **kw))
     _assert_same(_final_weights(tmp_path / "whole"), _final_weights(tmp_path / "split"))
     assert resumed.final_test_acc == whole.final_test_acc
 
 
 def test_compiled_memory_efficient_training_learns(tiny_data, tmp_path):
-    result = T.train(tiny_config(tiny_data, tmp_path / "run", epochs=2, compile=True, memory_efficient=True))
+    result = TR.train(tiny_config(tiny_data, tmp_path / "run", epochs=2, compile=True, memory_efficient=True))
     assert result.stop_reason == "completed"
     assert result.history[-1]["train_loss"] < math.log(3) and result.final_test_acc > 0.5
     model, meta = load_model(tmp_path / "run")  # the plain model's weights, no compile wrapper keys
@@ -307,7 +306,7 @@ def test_compiled_memory_efficient_training_learns(tiny_data, tmp_path):
 
 
 def test_sigterm_in_a_subprocess_saves_and_exits_143(tiny_data, tmp_path):
-    env = dict(os.environ, **{T.SIGTERM_AFTER_STEP_ENV: "3"})
+    env = dict(os.environ, **{TR.SIGTERM_AFTER_STEP_ENV: "3"})
     cmd = [sys.executable, "-m", "densenet", "train", "--model", "densenet-bc-10-4", "--data-dir", str(tiny_data),
            "--epochs", "2", "--batch-size", "16", "--out-dir", "run", "--weights-dir", "w", "--device", "cpu",
            "--threads", "1", "--progress", "lines"]
@@ -319,7 +318,7 @@ def test_sigterm_in_a_subprocess_saves_and_exits_143(tiny_data, tmp_path):
     assert ckpt["epoch"] == 0 and ckpt["step_in_epoch"] == 3 and ckpt["partial"]["seen"] == 48
     assert not Path("w").exists()
     # resuming by directory finishes the run
-    env.pop(T.SIGTERM_AFTER_STEP_ENV)
+    env.pop(TR.SIGTERM_AFTER_STEP_ENV)
     done = subprocess.run(cmd[:-2] + ["--resume", "run", "--progress", "none"], env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -356,15 +355,15 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tiny_data, tmp_path, monke
 
 
 def test_huge_learning_rate_diverges_cleanly(tiny_data, tmp_path):
-    with pytest.raises(T.TrainingError, match="the loss became (nan|inf)"):
-        T.train(tiny_config(tiny_data, tmp_path / "run", lr=1e30, schedule="constant", epochs=3))
+    with pytest.raises(TrainingError, match="the loss became (nan|inf)"):
+        TR.train(tiny_config(tiny_data, tmp_path / "run", lr=1e30, schedule="constant", epochs=3))
 
 
 def test_a_failed_checkpoint_save_keeps_the_previous_checkpoint(tiny_data, tmp_path, monkeypatch):
     # the failure comes while the checkpoint is serialised in memory, before any file is written;
     # a disk that fills part-way through writing each file: tests/test_faults.py (disk full)
     out = tmp_path / "run"
-    T.train(tiny_config(tiny_data, out, epochs=1))
+    TR.train(tiny_config(tiny_data, out, epochs=1))
     before = (out / "checkpoint-last.pt").read_bytes()
     real_save = torch.save
 
@@ -374,7 +373,7 @@ def test_a_failed_checkpoint_save_keeps_the_previous_checkpoint(tiny_data, tmp_p
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(ResourceError, match="No space left on device; the previous checkpoint is intact"):
-        T.train(tiny_config(tiny_data, out, epochs=2, resume="auto"))
+        TR.train(tiny_config(tiny_data, out, epochs=2, resume="auto"))
     monkeypatch.setattr(torch, "save", real_save)
     assert (out / "checkpoint-last.pt").read_bytes() == before
     assert state(out / "checkpoint-last.pt")["epoch"] == 1
@@ -383,34 +382,34 @@ def test_a_failed_checkpoint_save_keeps_the_previous_checkpoint(tiny_data, tmp_p
 
 def test_time_budget_stops_cleanly_and_resumes(tiny_data, tmp_path):
     out = tmp_path / "run"
-    result = T.train(tiny_config(tiny_data, out, epochs=3, max_minutes=1e-6, weights_dir=str(tmp_path / "w")))
+    result = TR.train(tiny_config(tiny_data, out, epochs=3, max_minutes=1e-6, weights_dir=str(tmp_path / "w")))
     assert result.stop_reason == "time budget" and result.exit_code == 0
     ckpt = state(out / "checkpoint-last.pt")
     assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["finished"]) == (0, 1, False)
     _, meta = load_model(tmp_path / "w")
     assert meta["training"]["stop_reason"] == "time budget" and meta["training"]["finished"] is False
     assert meta["training"]["final_test_acc"] == result.final_test_acc is not None
-    again = T.train(tiny_config(tiny_data, out, epochs=3, resume=str(out)))
+    again = TR.train(tiny_config(tiny_data, out, epochs=3, resume=str(out)))
     assert again.stop_reason == "completed" and again.epochs_completed == 3
 
 
 def test_resume_auto_without_checkpoint_starts_afresh_and_checks_settings(tiny_data, tmp_path):
     out = tmp_path / "run"
-    assert T.train(tiny_config(tiny_data, out, epochs=1, resume="auto")).epochs_completed == 1
+    assert TR.train(tiny_config(tiny_data, out, epochs=1, resume="auto")).epochs_completed == 1
     # a finished run resumed with more epochs goes on; with the same epochs there is nothing to do
-    assert T.train(tiny_config(tiny_data, out, epochs=1, resume="auto")).epochs_completed == 1
+    assert TR.train(tiny_config(tiny_data, out, epochs=1, resume="auto")).epochs_completed == 1
     assert len(state(out / "checkpoint-last.pt")["history"]) == 1
-    assert T.train(tiny_config(tiny_data, out, epochs=2, resume="auto")).epochs_completed == 2
+    assert TR.train(tiny_config(tiny_data, out, epochs=2, resume="auto")).epochs_completed == 2
     with pytest.raises(ConfigError, match="batch_size=16, this run asks for batch_size=8"):
-        T.train(tiny_config(tiny_data, out, epochs=3, batch_size=8, resume="auto"))
+        TR.train(tiny_config(tiny_data, out, epochs=3, batch_size=8, resume="auto"))
     with pytest.raises(ConfigError, match="no checkpoint"):
-        T.train(tiny_config(tiny_data, out, resume=str(tmp_path / "elsewhere")))
+        TR.train(tiny_config(tiny_data, out, resume=str(tmp_path / "elsewhere")))
 
 
 def test_resume_auto_finds_the_newest_unfinished_run(tiny_data, tmp_path, monkeypatch):
-    monkeypatch.setenv(T.SIGTERM_AFTER_STEP_ENV, "2")
-    T.train(tiny_config(tiny_data, None))
-    monkeypatch.delenv(T.SIGTERM_AFTER_STEP_ENV)
+    monkeypatch.setenv(TR.SIGTERM_AFTER_STEP_ENV, "2")
+    TR.train(tiny_config(tiny_data, None))
+    monkeypatch.delenv(TR.SIGTERM_AFTER_STEP_ENV)
     (run_dir,) = Path("runs").iterdir()
     assert run_dir.name.startswith("densenet-bc-10-4-")
     parser = cli.build_parser()
@@ -421,9 +420,9 @@ def test_resume_auto_finds_the_newest_unfinished_run(tiny_data, tmp_path, monkey
 
 
 def test_training_is_deterministic_for_a_seed(tiny_data, tmp_path):
-    a = T.train(tiny_config(tiny_data, tmp_path / "a", epochs=1, seed=3))
-    b = T.train(tiny_config(tiny_data, tmp_path / "b", epochs=1, seed=3))
-    c = T.train(tiny_config(tiny_data, tmp_path / "c", epochs=1, seed=4))
+    a = TR.train(tiny_config(tiny_data, tmp_path / "a", epochs=1, seed=3))
+    b = TR.train(tiny_config(tiny_data, tmp_path / "b", epochs=1, seed=3))
+    c = TR.train(tiny_config(tiny_data, tmp_path / "c", epochs=1, seed=4))
     sa, sb, sc = (state(Path(r.out_dir) / "checkpoint-last.pt")["model"] for r in (a, b, c))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
@@ -431,7 +430,7 @@ def test_training_is_deterministic_for_a_seed(tiny_data, tmp_path):
 
 def test_too_few_images_for_a_batch(tiny_data, tmp_path):
     with pytest.raises(DenseNetError, match="fewer than one batch"):
-        T.train(tiny_config(tiny_data, tmp_path / "run", subset=10))
+        TR.train(tiny_config(tiny_data, tmp_path / "run", subset=10))
 
 
 # --- learning on real data ----------------------------------------------------------------------
@@ -441,7 +440,7 @@ def test_too_few_images_for_a_batch(tiny_data, tmp_path):
 @pytest.mark.skipif(not os.environ.get("DENSENET_DATA"), reason="needs $DENSENET_DATA (CIFAR-10)")
 def test_learns_cifar10_subset(tmp_path, monkeypatch):
     monkeypatch.delenv("DENSENET_CACHE", raising=False)  # reuse the decoded-image cache
-    result = T.train(
+    result = TR.train(
         model="densenet-bc-mini", data_dir=os.environ["DENSENET_DATA"], subset=5000, test_subset=1000,
         epochs=3, batch_size=64, lr=0.1, nesterov=True, weight_decay=5e-4, schedule="onecycle",
         warmup_epochs=1, label_smoothing=0.1, out_dir=str(tmp_path / "run"), weights_dir=None, progress="none",

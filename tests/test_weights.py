@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from densenet.errors import WeightsError
-from densenet.models import create_model
+from densenet.files import atomic_write_bytes
+from densenet.registry import create_model
 from densenet.weights import (
-    atomic_write_bytes,
     load_checkpoint,
     load_model,
     make_meta,

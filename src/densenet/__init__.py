@@ -9,16 +9,16 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "DenseNet": "densenet.models",
-    "create_model": "densenet.models",
-    "list_models": "densenet.models",
-    "model_from_config": "densenet.models",
+    "create_model": "densenet.registry",
+    "list_models": "densenet.registry",
+    "model_from_config": "densenet.registry",
     "load_dataset": "densenet.data",
     "load_model": "densenet.weights",
     "save_model": "densenet.weights",
     "predict": "densenet.predict",
-    "train": "densenet.train",
-    "TrainConfig": "densenet.train",
-    "evaluate": "densenet.evaluate",
+    "train": "densenet.trainer",
+    "TrainConfig": "densenet.config",
+    "evaluate": "densenet.inference",
     "DenseNetError": "densenet.errors",
 }
 

@@ -1,4 +1,4 @@
-"""``densenet analyze``: what a model is made of, stage by stage.
+"""What a model is made of, stage by stage (the library behind ``densenet analyze``).
 
 For every stage (stem, dense blocks, transitions, head) it reports the output shape, the
 parameters and the forward multiply-accumulates (MACs) and FLOPs per image, then totals, the
@@ -12,8 +12,6 @@ pooling and concatenation are not counted (the usual convention: torchvision's p
 
 from __future__ import annotations
 
-import argparse
-import json
 from typing import Any
 
 import torch
@@ -21,10 +19,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from densenet.errors import ConfigError
-from densenet.pretrained import pretrained_card, pretrained_names
 
-__all__ = ["analyze_model", "format_analysis", "format_model_list", "default_input_size",
-           "add_arguments", "run"]
+__all__ = ["analyze_model", "format_analysis", "default_input_size"]
 
 COUNTING_NOTE = ("MACs = multiply-accumulates of convolutions and linear layers (torchvision's "
                  "'GFLOPS' are these); FLOPs = 2 x MACs; BN, ReLU, pooling and concatenation are not counted.")
@@ -156,65 +152,3 @@ def format_analysis(data: dict[str, Any]) -> str:
     lines.append(f"fp32 weights:       {data['weight_size_mb']:.1f} MB (parameters x 4 bytes, 1 MB = 10^6 bytes)")
     lines.append(data["note"])
     return "\n".join(lines)
-
-
-def format_model_list(rows: list[dict[str, Any]]) -> str:
-    """The registry as a table: name, parameters, classes, stem, description."""
-    lines = [f"{'model':<22}{'params':>13}{'classes':>9}  {'stem':<10}description"]
-    for row in rows:
-        lines.append(f"{row['name']:<22}{row['params']:>13,}{row['num_classes'] or '-':>9}  "
-                     f"{row['stem'] or '-':<10}{row['description']}")
-    lines.append("Also: densenet-bc-L-k (L = 6n+4) and densenet-L-k (L = 3n+4) for any depth L and growth rate k.")
-    shipped = pretrained_names()
-    if shipped:
-        lines += ["", "Trained weights shipped with the package (--weights NAME in predict, evaluate, export, analyze):",
-                  f"{'name':<22}{'test top-1':>11}{'flip TTA':>10}{'epochs':>8}{'train time':>12}  recipe, machine"]
-        for name in shipped:
-            card = pretrained_card(name)
-            lines.append(f"{name:<22}{100 * card['test_acc']:>10.2f}%{100 * card['test_acc_tta']:>9.2f}%"
-                         f"{card['epochs']:>8}{card['wall_seconds'] / 60:>9.1f} min  {card['recipe']}, "
-                         f"{card['machine']}")
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", metavar="MODEL",
-                        help="model name (see --list); without it the models are listed")
-    parser.add_argument("--num-classes", type=int, default=None, metavar="N",
-                        help="classifier outputs (default: the model's own, 10 or 1000)")
-    parser.add_argument("--input-size", type=int, default=None, metavar="S",
-                        help="square input side in pixels (default: 32 for CIFAR-stem models, 224 otherwise)")
-    parser.add_argument("--json", action="store_true", help="print the same data as JSON")
-    parser.add_argument("--list", action="store_true", help="list the registered models with parameter counts")
-    parser.add_argument("--weights", default=None, metavar="PATH",
-                        help="analyse trained weights (weights or run directory, .safetensors, checkpoint) instead of MODEL")
-    parser.add_argument("--feature-reuse", action="store_true",
-                        help="with --weights: per-block feature-reuse heat maps (paper's Figure 5), PNG + JSON")
-    parser.add_argument("--out", default=None, metavar="DIR",
-                        help="where feature_reuse.json/.png go (default: beside the weights)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from densenet.models import create_model, describe_models
-
-    if getattr(args, "weights", None) or getattr(args, "feature_reuse", False):
-        from densenet.reuse import run_analyze
-
-        return run_analyze(args)
-    if args.list or not args.model:
-        rows = describe_models()
-        print(json.dumps(rows, indent=2) if args.json else format_model_list(rows))
-        return 0
-    if args.num_classes is not None and args.num_classes < 1:
-        raise ConfigError(f"--num-classes must be at least 1, got {args.num_classes}")
-    if args.input_size is not None and args.input_size < 1:
-        raise ConfigError(f"--input-size must be positive, got {args.input_size}")
-    with torch.device("meta"):  # shapes and counts only: no weights allocated, nothing computed
-        model = create_model(args.model, num_classes=args.num_classes)
-    data = analyze_model(model, args.input_size)
-    print(json.dumps(data, indent=2) if args.json else format_analysis(data))
-    return 0

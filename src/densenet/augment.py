@@ -175,6 +175,11 @@ class Augmenter:
     ``color_jitter`` (factors uniform in [1 - s, 1 + s]) and cutout of a ``cutout`` x ``cutout``
     square at a random centre (filled with 0 after normalisation, i.e. the mean colour). Each
     option set to 0/False is skipped. Randomness comes only from ``generator``.
+
+    With ``alternate_flip`` the flip is not random: image i of the dataset (its index) is flipped
+    in every other epoch, a fixed pseudo-random half of the images in even epochs and the other
+    half in odd ones, so any two consecutive epochs show every image both ways (the call's
+    ``epoch`` says which epoch it is).
     """
 
     def __init__(
@@ -185,6 +190,7 @@ class Augmenter:
         crop_padding: int = 4,
         padding_mode: str = "zeros",
         flip: bool = True,
+        alternate_flip: bool = False,
         cutout: int = 0,
         color_jitter: float = 0.0,
         channels_last: bool = False,
@@ -203,6 +209,9 @@ class Augmenter:
         self.crop_padding = int(crop_padding)
         self.padding_mode = padding_mode
         self.flip = bool(flip)
+        self.alternate_flip = bool(alternate_flip)
+        if self.alternate_flip and not self.flip:
+            raise ConfigError("alternate_flip needs flip")
         self.cutout = int(cutout)
         self.color_jitter = float(color_jitter)
         self.channels_last = bool(channels_last)
@@ -212,7 +221,8 @@ class Augmenter:
     def __repr__(self) -> str:
         return (
             f"Augmenter(mean={self.mean}, std={self.std}, crop_padding={self.crop_padding}, "
-            f"padding_mode={self.padding_mode!r}, flip={self.flip}, cutout={self.cutout}, "
+            f"padding_mode={self.padding_mode!r}, flip={self.flip}, alternate_flip={self.alternate_flip}, "
+            f"cutout={self.cutout}, "
             f"color_jitter={self.color_jitter}, channels_last={self.channels_last}, dtype={self.dtype})"
         )
 
@@ -245,11 +255,12 @@ class Augmenter:
         generator: torch.Generator | None = None,
         train: bool = True,
         index: torch.Tensor | None = None,
+        epoch: int = 0,
     ) -> torch.Tensor:
         """The batch ``images[index]`` (all of ``images`` when ``index`` is None), augmented and normalised.
 
         Passing the whole dataset with ``index`` lets the batch be gathered straight into the
-        augmentation's working buffer, saving a copy.
+        augmentation's working buffer, saving a copy. ``epoch`` matters only with ``alternate_flip``.
         """
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ConfigError(f"Augmenter expects uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -261,6 +272,8 @@ class Augmenter:
             if self.crop_padding:
                 offsets = torch.randint(0, 2 * self.crop_padding + 1, (b, 2), generator=generator, device=dev)
             flips = torch.rand(b, generator=generator, device=dev) < 0.5 if self.flip else None
+            if self.alternate_flip:
+                flips = alternating_flips(torch.arange(b, device=dev) if index is None else index.to(dev), epoch)
             if self.padding_mode == "zeros":
                 images = gather_crop_flip(images, index, offsets, flips, self.crop_padding)
             else:
@@ -294,6 +307,13 @@ class Augmenter:
     @staticmethod
     def _select(images: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
         return images if index is None else images.index_select(0, index.to(device=images.device, dtype=torch.long))
+
+
+def alternating_flips(index: torch.Tensor, epoch: int) -> torch.Tensor:
+    """Whether image ``index`` is flipped in ``epoch`` under alternating flips: a fixed pseudo-random
+    bit per image (a multiplicative hash of its index), inverted in odd epochs."""
+    bit = ((index.long() * 2654435761) >> 15) & 1
+    return (bit ^ (int(epoch) & 1)).bool()
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -29,11 +29,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from densenet.analysis import default_input_size
 from densenet.errors import ConfigError, DenseNetError
-from densenet.runtime import ALLOCATORS, cpu_name, peak_rss_mb, set_malloc_policy
+from densenet.inference import optimize_for_inference
+from densenet.registry import create_model
+from densenet.runtime import (
+    ALLOCATORS,
+    autocast,
+    cpu_name,
+    current_rss_mb,
+    peak_rss_mb,
+    resolve_device,
+    set_malloc_policy,
+)
 
-__all__ = ["auto_settings", "run_benchmark", "format_result", "cpu_name", "set_malloc_policy",
-           "add_arguments", "run"]
+__all__ = ["auto_settings", "run_benchmark", "format_result", "add_arguments", "run"]
 
 MODES = ("train", "infer")
 AMPS = ("auto", "none", "bf16", "fp16")
@@ -45,7 +55,7 @@ def auto_settings(device: torch.device) -> dict[str, Any]:
 
     CUDA: bf16 autocast where the GPU supports it (fp16 needs loss scaling and bf16 does not),
     channels_last. CPU: float32 (bf16 autocast is available with ``--amp bf16`` but changes the
-    numbers), channels_last, the inference path of :func:`densenet.models.optimize_for_inference`.
+    numbers), channels_last, the inference path of :func:`densenet.inference.optimize_for_inference`.
     torch.compile is never automatic: it costs tens of seconds to minutes before the first step.
     """
     if device.type == "cuda":
@@ -63,15 +73,6 @@ def _device_name(device: torch.device) -> str:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _current_rss_mb() -> float:
-    """Resident set size now, in MiB (the peak so far where /proc is missing)."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return peak_rss_mb()
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -101,10 +102,6 @@ def _settings(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark described by parsed ``densenet bench`` arguments; returns the result dict."""
-    from densenet.analysis import default_input_size
-    from densenet.models import create_model, optimize_for_inference
-    from densenet.runtime import autocast, resolve_device
-
     _check(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -149,7 +146,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             with torch.inference_mode(), autocast(device, s["amp"]):
                 runner(x)
 
-    rss_before = _current_rss_mb()
+    rss_before = current_rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     first_s = None
@@ -254,7 +251,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="channels_last memory format (default on)")
     parser.add_argument("--optimized", action=argparse.BooleanOptionalAction, default=None,
-                        help="infer with densenet.models.optimize_for_inference (default on)")
+                        help="infer with densenet.inference.optimize_for_inference (default on)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (first step compiles)")
     parser.add_argument("--memory-efficient", action="store_true",
                         help="recompute concatenations and BN/ReLU maps in backward (less memory)")

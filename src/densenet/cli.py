@@ -14,7 +14,7 @@ from importlib import import_module
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "analyze": ("densenet.analysis", "parameters, shapes, MACs/FLOPs and connections of a model"),
+    "analyze": ("densenet.analyze", "parameters, shapes, MACs/FLOPs and connections of a model"),
     "download": ("densenet.download", "fetch CIFAR-10/100 (python version), verify its md5 and extract it safely"),
     "export": ("densenet.export", "export trained weights to ONNX and check them against PyTorch in ONNX Runtime"),
     "train": ("densenet.train", "train a DenseNet (recipes, resumable checkpoints, CPU or CUDA)"),

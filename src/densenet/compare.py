@@ -14,7 +14,7 @@ VmHWM and VmRSS of ``/proc/self/status``, with the peak reset at the baseline; e
 ``ru_maxrss``). On a CUDA device it is ``torch.cuda.max_memory_allocated``. Training steps are
 SGD with momentum on random data of the model's input size (forward, cross-entropy, backward,
 update); inference is a forward pass under ``torch.inference_mode`` of the model
-:func:`densenet.evaluate.fast_inference_model` gives (what ``densenet evaluate`` and ``predict``
+:func:`densenet.inference.fast_inference_model` gives (what ``densenet evaluate`` and ``predict``
 run: on the CPU in fp32 a DenseNet's ``optimize_for_inference``; ResNets as they are). One step of each is run
 first as a warm-up and not timed.
 """
@@ -29,7 +29,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from densenet.analysis import analyze_model, default_input_size
 from densenet.errors import ConfigError, DenseNetError, ResourceError
+from densenet.files import atomic_write_text
+from densenet.inference import fast_inference_model
+from densenet.plots import plot_comparison
+from densenet.registry import create_model, model_from_config
+from densenet.rundir import read_run
+from densenet.runtime import current_rss_mb, peak_rss_mb, resolve_device
 
 __all__ = ["measure_model", "compare", "format_table", "add_arguments", "run"]
 
@@ -41,20 +48,8 @@ CHILD_MARK = "DENSENET-COMPARE-RESULT "
 
 
 def _memory_mb() -> tuple[float, float]:
-    """(current, peak) resident set size of this process in MiB.
-
-    On Linux from ``/proc/self/status`` (VmRSS, VmHWM): the peak belongs to this process's own
-    address space. ``ru_maxrss`` is the fallback elsewhere; on Linux it is not used because it
-    carries the parent's peak over ``fork`` + ``exec``.
-    """
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
-    except (OSError, KeyError, ValueError):
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return peak, peak
+    """(current, peak) resident set size of this process in MiB (:mod:`densenet.runtime`'s readers)."""
+    return current_rss_mb(), peak_rss_mb()
 
 
 def _prime(device) -> None:
@@ -79,10 +74,6 @@ def _measure_here(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from densenet.analysis import default_input_size
-    from densenet.evaluate import fast_inference_model
-    from densenet.models import model_from_config
-    from densenet.runtime import resolve_device
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
@@ -205,8 +196,6 @@ def _subjects(models: list[str], run_dirs: list[str], num_classes: int | None) -
     """One entry per model: its name, model config and the accuracies of its runs."""
     import torch
 
-    from densenet.models import create_model
-    from densenet.report import read_run
 
     subjects: dict[str, dict[str, Any]] = {}
     for name in models:
@@ -233,8 +222,6 @@ def compare(models: list[str], run_dirs: list[str] = (), *, batch_size: int = 64
     """Measure every model (and the model of every run directory); one row dict per model."""
     import torch
 
-    from densenet.analysis import analyze_model
-    from densenet.models import model_from_config
 
     if batch_size < 1 or steps < 1:
         raise ConfigError(f"--batch-size and --steps must be positive, got {batch_size} and {steps}")
@@ -309,10 +296,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densenet.plots import plot_comparison
-    from densenet.runtime import resolve_device
-    from densenet.weights import atomic_write_text
-
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     resolve_device(args.device)

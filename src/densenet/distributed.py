@@ -4,7 +4,7 @@
 ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``): :func:`setup`
 joins the process group (``nccl`` on CUDA devices, ``gloo`` on the CPU) with a timeout, so that a
 process that dies or hangs makes the others fail within bounded time instead of waiting forever.
-The trainer (``densenet.train``) then
+The trainer (``densenet.trainer``) then
 
 - wraps the model in ``DistributedDataParallel`` (gradients averaged across processes),
 - gives each process its disjoint share of every epoch (``epoch_batches(rank=, world_size=)``),
@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from densenet.errors import ConfigError, DenseNetError
+from densenet.runtime import resolve_device
 
 DEFAULT_TIMEOUT = 300.0  # seconds a collective may wait for the other processes
 DEBUG_ENV = "DENSENET_DIST_DEBUG"
@@ -166,8 +167,6 @@ def setup(device_name: str | None, timeout: float = DEFAULT_TIMEOUT) -> Context:
     ``device_name`` is the ``--device`` value: under a launcher ``auto`` and ``cuda`` mean
     ``cuda:LOCAL_RANK`` (backend nccl), ``cpu`` or ``auto`` without CUDA the CPU (backend gloo).
     """
-    from densenet.runtime import resolve_device
-
     ranks = env_ranks()
     if ranks is None:
         return Context(device=resolve_device(device_name))
@@ -268,7 +267,7 @@ def shard_dataset(dataset, rank: int, world_size: int):
 
 
 def reduce_evaluation(context: Context, result: dict | None, classes: list[str], tta: bool = False) -> dict:
-    """Combine each process's :func:`densenet.evaluate.evaluate` result of its own share.
+    """Combine each process's :func:`densenet.inference.evaluate` result of its own share.
 
     ``result`` is None for a process whose share is empty. Counts (images, top-1 via the
     confusion matrix, top-5) and the loss sum are added up across processes, so the returned dict
@@ -369,7 +368,8 @@ def argv_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, sk
             if value == action.const:
                 argv.append(action.option_strings[0])
         else:
-            argv += [action.option_strings[0], str(value)]
+            text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+            argv += [action.option_strings[0], text]
     return argv
 
 

@@ -35,6 +35,10 @@ class ConfigError(DenseNetError):
     """Settings that contradict each other or name something that does not exist."""
 
 
+class TrainingError(DenseNetError):
+    """Training cannot go on: the loss diverged, or a checkpoint does not fit the run."""
+
+
 class ResourceError(DenseNetError):
     """The machine refused: an output cannot be written (read-only, disk full, a file in the way) or
     memory ran out. The input may be fine; exit status 1."""

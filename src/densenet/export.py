@@ -24,8 +24,12 @@ from pathlib import Path
 
 import torch
 
+from densenet import __version__
+from densenet.data import PRETTY, load_dataset
 from densenet.errors import ConfigError, DataError, DenseNetError
+from densenet.files import atomic_write_bytes
 from densenet.onnx_runtime import INPUT_NAME, OUTPUT_NAME, OnnxModel, make_session, onnx_metadata, require
+from densenet.weights import load_model
 
 __all__ = ["export_onnx", "export_to_proto", "compare_outputs", "check_images", "add_arguments", "run"]
 
@@ -95,8 +99,6 @@ def export_to_proto(model: torch.nn.Module, input_size: int, *, opset: int = DEF
 
 def _add_metadata(proto, props: dict[str, str]) -> None:
     """Replace the graph's metadata_props with ``props`` and name the producer."""
-    from densenet import __version__
-
     for node in proto.graph.node:  # the exporter's per-node notes hold local source paths
         del node.metadata_props[:]
     del proto.metadata_props[:]
@@ -118,8 +120,6 @@ def check_images(meta: dict, data_dir=None, count: int = 256) -> tuple[torch.Ten
     ``count`` test images spread evenly over the test split when a dataset is found (``data_dir``,
     else ``$DENSENET_DATA``, else ``./data``), else ``count`` fixed random images (seed 0).
     """
-    from densenet.data import load_dataset
-
     size = int(meta.get("input_size", 32))
     name = "cifar100" if len(meta["classes"]) == 100 else "cifar10"
     try:
@@ -131,7 +131,6 @@ def check_images(meta: dict, data_dir=None, count: int = 256) -> tuple[torch.Ten
         return images, f"{count} synthetic images (seed 0; no test data: {reason})"
     count = min(count, len(dataset))
     index = torch.linspace(0, len(dataset) - 1, count).round().long()
-    from densenet.data import PRETTY
 
     return dataset.images[index], f"{count} {PRETTY.get(name, name)} test images from {dataset.root}"
 
@@ -179,8 +178,6 @@ def export_onnx(weights, out=None, *, opset: int = DEFAULT_OPSET, dynamic_batch:
     Raises :class:`DenseNetError` (and writes nothing) when the checker rejects the graph or ONNX
     Runtime's logits differ from PyTorch's by more than ``tolerance`` or in top-1 class.
     """
-    from densenet.weights import atomic_write_bytes, load_model
-
     onnx = require("onnx", "ONNX export")
     require("onnxruntime", "checking an ONNX export")
     if check_count < 1:

@@ -2,23 +2,19 @@
 
 One :class:`DenseNet` class builds every member of the family from its hyper-parameters: the
 ImageNet models (121/161/169/201/264), the CIFAR models of the paper (basic DenseNet L-k and
-DenseNet-BC L-k) and the small demo model. Parameter and buffer names follow torchvision's
-``DenseNet`` exactly, so its checkpoints load with :func:`load_state_dict_compat`.
+DenseNet-BC L-k) and the small CPU models. Parameter and buffer names follow torchvision's
+``DenseNet`` exactly, so its checkpoints load with :func:`densenet.weights.load_state_dict_compat`.
 
-Models are made by name with :func:`create_model` (``list_models()`` gives the names; the
-generic names ``densenet-bc-{L}-{k}`` and ``densenet-{L}-{k}`` work for any valid depth), or from
-a saved ``model.config`` with :func:`model_from_config`.
+This file holds the architecture and its builders only. Names (``create_model("densenet-bc-100-12")``)
+live in :mod:`densenet.registry`; the fused inference equivalent in :mod:`densenet.inference`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
-import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -26,23 +22,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from densenet.errors import ConfigError, WeightsError
+from densenet.errors import ConfigError
 
 __all__ = [
     "DenseNet",
-    "create_model",
-    "list_models",
-    "describe_models",
-    "model_from_config",
-    "register_model",
-    "register_arch",
-    "load_state_dict_compat",
     "count_parameters",
     "whiten_stem",
-    "optimize_for_inference",
-    "InferenceDenseNet",
     "densenet121_cifar",
     "densenet_bc_mini",
+    "densenet_cpu",
     "densenet121",
     "densenet161",
     "densenet169",
@@ -392,195 +380,6 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# inference: a fused, exact equivalent for evaluation and prediction
-
-CHUNK_BYTES = 16 * 2**20
-"""CPU batches are run in chunks whose largest dense-block map is about this size (L3-friendly)."""
-
-
-def _scale_shift(norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """Per-channel (scale, shift) with ``norm(x) == x * scale + shift`` in eval mode, as (1, C, 1, 1)."""
-    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-    shift = norm.bias - norm.running_mean * scale
-    return scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
-
-
-def _frozen(t: Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> nn.Parameter:
-    """A detached copy as a parameter without gradient (so ``.to()``/``.parameters()`` see it)."""
-    return nn.Parameter(t.detach().clone().contiguous(memory_format=memory_format), requires_grad=False)
-
-
-def _bn_relu(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """relu(x * scale + shift): an eval-mode batch norm and ReLU in two cheap passes."""
-    return torch.addcmul(shift, x, scale).relu_()
-
-
-class _InferenceLayer(nn.Module):
-    """A dense layer for inference: norm2 folded into conv1 (conv1 -> norm2 is conv-then-BN)."""
-
-    def __init__(self, layer: _DenseLayer, memory_format: torch.memory_format) -> None:
-        super().__init__()
-        scale, shift = _scale_shift(layer.norm1)
-        self.scale1, self.shift1 = _frozen(scale), _frozen(shift)
-        self.bottleneck = layer.bottleneck
-        if layer.bottleneck:
-            scale2, shift2 = _scale_shift(layer.norm2)
-            self.weight1 = _frozen(layer.conv1.weight * scale2.view(-1, 1, 1, 1), memory_format)
-            self.bias1 = _frozen(shift2.flatten())
-            self.weight2 = _frozen(layer.conv2.weight, memory_format)
-        else:
-            self.weight1 = _frozen(layer.conv1.weight, memory_format)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = _bn_relu(x, self.scale1, self.shift1)
-        if not self.bottleneck:
-            return F.conv2d(out, self.weight1, None, padding=1)
-        out = F.conv2d(out, self.weight1, self.bias1).relu_()
-        return F.conv2d(out, self.weight2, None, padding=1)
-
-
-class _InferenceBlock(nn.Module):
-    """A dense block writing every layer's channels into one preallocated map.
-
-    Layer l reads the channel prefix ``[0, c_l)`` of the block's output map, already filled by
-    the block input and the earlier layers, and writes its k channels right after it: the map is
-    built once instead of being concatenated again by every layer.
-    """
-
-    def __init__(self, block: _DenseBlock, memory_format: torch.memory_format) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(_InferenceLayer(layer, memory_format) for layer in block.values())
-        first = next(iter(block.values()))
-        self.in_channels = first.norm1.num_features
-        self.out_channels = self.in_channels + sum(
-            (layer.conv2 if layer.bottleneck else layer.conv1).out_channels for layer in block.values())
-
-    def forward(self, x: Tensor) -> Tensor:
-        n, c, h, w = x.shape
-        fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
-        out = torch.empty((n, self.out_channels, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
-        out[:, :c].copy_(x)
-        for layer in self.layers:
-            new = layer(out[:, :c])
-            out[:, c : c + new.shape[1]].copy_(new)
-            c += new.shape[1]
-        return out
-
-
-class _InferenceTransition(nn.Module):
-    """BN-ReLU, then the 2x2 average pooling before the 1x1 convolution.
-
-    Pooling and a bias-free 1x1 convolution are both linear and act on different axes, so their
-    order does not change the result; pooling first gives the convolution a quarter of the work.
-    """
-
-    def __init__(self, transition: _Transition, memory_format: torch.memory_format) -> None:
-        super().__init__()
-        scale, shift = _scale_shift(transition.norm)
-        self.scale, self.shift = _frozen(scale), _frozen(shift)
-        self.weight = _frozen(transition.conv.weight, memory_format)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(F.avg_pool2d(_bn_relu(x, self.scale, self.shift), 2), self.weight)
-
-
-class InferenceDenseNet(nn.Module):
-    """An inference-only DenseNet made by :func:`optimize_for_inference` (see there).
-
-    It computes the same function as its source model in eval mode (to float32 rounding), never
-    records gradients and holds copies of the weights (changing the source later does not change it).
-    """
-
-    def __init__(self, model: DenseNet, channels_last: bool = True) -> None:
-        super().__init__()
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.channels_last = bool(channels_last)
-        self.config = dict(model.config)
-        self.stem_stride = 4 if model.config["stem"] == "imagenet" else int(model.config["stem_stride"])
-        f = model.features
-        if hasattr(f, "norm0"):  # ImageNet stem: conv0 -> norm0 folds into conv0
-            scale, shift = _scale_shift(f.norm0)
-            self.stem_weight = _frozen(f.conv0.weight * scale.view(-1, 1, 1, 1), fmt)
-            self.stem_bias = _frozen(shift.flatten())
-        else:
-            self.stem_weight = _frozen(f.conv0.weight, fmt)
-            self.stem_bias = None
-        self.stem_conv = dict(stride=f.conv0.stride, padding=f.conv0.padding)
-        stages = []
-        for name, module in f.named_children():
-            if name.startswith("denseblock"):
-                stages.append(_InferenceBlock(module, fmt))
-            elif name.startswith("transition"):
-                stages.append(_InferenceTransition(module, fmt))
-        self.stages = nn.ModuleList(stages)
-        scale, shift = _scale_shift(f.norm5)
-        self.scale5, self.shift5 = _frozen(scale), _frozen(shift)
-        self.classifier_weight = _frozen(model.classifier.weight)
-        self.classifier_bias = _frozen(model.classifier.bias)
-        self.eval()
-
-    def _largest_map_elements(self, h: int, w: int) -> int:
-        """Elements per image of the widest dense-block map for an h x w input."""
-        h, w = math.ceil(h / self.stem_stride), math.ceil(w / self.stem_stride)
-        largest = 0
-        for stage in self.stages:
-            if isinstance(stage, _InferenceBlock):
-                largest = max(largest, stage.out_channels * h * w)
-            else:
-                h, w = h // 2, w // 2
-        return largest
-
-    def _forward(self, x: Tensor) -> Tensor:
-        x = F.conv2d(x, self.stem_weight, self.stem_bias, **self.stem_conv)
-        if self.stem_bias is not None:
-            x = F.max_pool2d(x.relu_(), kernel_size=3, stride=2, padding=1)
-        for stage in self.stages:
-            x = stage(x)
-        x = _bn_relu(x, self.scale5, self.shift5)
-        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        return F.linear(x, self.classifier_weight, self.classifier_bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        with torch.no_grad():
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            chunk = len(x)
-            if x.device.type == "cpu":
-                per_image = self._largest_map_elements(x.shape[2], x.shape[3]) * x.element_size()
-                chunk = max(1, CHUNK_BYTES // max(per_image, 1))
-            if len(x) <= chunk:
-                return self._forward(x)
-            return torch.cat([self._forward(part) for part in x.split(chunk)])
-
-
-def _is_channels_last(x: Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
-def optimize_for_inference(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
-    """An inference-only equivalent of ``model`` that runs faster; other models come back as they are.
-
-    For a :class:`DenseNet` it returns an :class:`InferenceDenseNet` on the same device and dtype,
-    computing the same function as ``model.eval()`` up to float32 rounding:
-
-    - norm2 is folded into conv1 (conv1 -> norm2 is a convolution followed by a batch norm), and
-      an ImageNet stem's norm0 into conv0;
-    - the other batch norms (norm1, the transitions', norm5), which precede a ReLU, become one
-      multiply-add and an in-place ReLU;
-    - each dense block fills one preallocated map instead of concatenating per layer;
-    - transitions pool before their 1x1 convolution (a quarter of the work, same result);
-    - on the CPU, large batches run in chunks whose feature maps stay in the cache;
-    - weights and inputs are channels_last unless ``channels_last=False``.
-
-    The result never records gradients; use the original model for training or saliency.
-    """
-    if not isinstance(model, DenseNet):
-        return model
-    param = next(model.parameters())
-    return InferenceDenseNet(model, channels_last=channels_last).to(device=param.device, dtype=param.dtype)
-
-
-# --------------------------------------------------------------------------------------------
 # factories
 
 
@@ -661,198 +460,3 @@ def densenet_basic(depth: int, growth_rate: int, num_classes: int = 10, **overri
                   compression=1.0, stem="cifar")
     return _named(DenseNet(**{**kwargs, "num_classes": num_classes, **overrides}),
                   f"densenet-{depth}-{growth_rate}")
-
-
-# --------------------------------------------------------------------------------------------
-# registry
-
-
-@dataclass(frozen=True)
-class _Entry:
-    builder: Callable[..., nn.Module]
-    description: str
-
-
-_MODELS: dict[str, _Entry] = {}
-_ARCHS: dict[str, Callable[..., nn.Module]] = {"densenet": DenseNet}
-_GENERIC = (
-    (re.compile(r"densenet-bc-(\d+)-(\d+)"), densenet_bc),
-    (re.compile(r"densenet-(\d+)-(\d+)"), densenet_basic),
-)
-
-
-def register_model(name: str, builder: Callable[..., nn.Module], description: str) -> None:
-    """Make ``builder`` available to :func:`create_model` as ``name``.
-
-    ``builder(**kwargs)`` receives ``num_classes`` (when given) and the caller's overrides and
-    returns a model whose ``config`` has an ``"arch"`` known to :func:`register_arch`.
-    """
-    _MODELS[name.lower()] = _Entry(builder, description)
-
-
-def register_arch(arch: str, builder: Callable[..., nn.Module]) -> None:
-    """Let :func:`model_from_config` rebuild configs with ``config["arch"] == arch``."""
-    _ARCHS[arch] = builder
-
-
-def _paper_bc(depth: int, k: int):
-    return lambda **kw: densenet_bc(depth, k, **kw)
-
-
-def _paper_basic(depth: int, k: int):
-    return lambda **kw: densenet_basic(depth, k, **kw)
-
-
-register_model("densenet-bc-mini", densenet_bc_mini,
-               "CPU demo DenseNet-BC: 24-ch 3x3/2 stem, k=12, blocks 6-12-8, CIFAR")
-register_model("densenet-cpu-s", densenet_cpu("densenet-cpu-s", 64, (2, 3, 2)),
-               "CPU-trainable basic DenseNet: 54-ch 3x3/2 stem (whitening), k=64, blocks 2-3-2, CIFAR")
-register_model("densenet121-cifar", densenet121_cifar, "DenseNet-121 (k=32, 6-12-24-16) with a 3x3 stem, CIFAR")
-register_model("densenet-40-12", _paper_basic(40, 12), "paper's basic DenseNet L=40 k=12, CIFAR")
-register_model("densenet-100-12", _paper_basic(100, 12), "paper's basic DenseNet L=100 k=12, CIFAR")
-register_model("densenet-100-24", _paper_basic(100, 24), "paper's basic DenseNet L=100 k=24, CIFAR")
-register_model("densenet-bc-100-12", _paper_bc(100, 12), "paper's DenseNet-BC L=100 k=12, CIFAR")
-register_model("densenet-bc-250-24", _paper_bc(250, 24), "paper's DenseNet-BC L=250 k=24, CIFAR")
-register_model("densenet-bc-190-40", _paper_bc(190, 40), "paper's DenseNet-BC L=190 k=40, CIFAR")
-register_model("densenet121", densenet121, "DenseNet-121 (k=32, 6-12-24-16), ImageNet stem")
-register_model("densenet161", densenet161, "DenseNet-161 (k=48, 6-12-36-24, 96 stem ch), ImageNet stem")
-register_model("densenet169", densenet169, "DenseNet-169 (k=32, 6-12-32-32), ImageNet stem")
-register_model("densenet201", densenet201, "DenseNet-201 (k=32, 6-12-48-32), ImageNet stem")
-register_model("densenet264", densenet264, "DenseNet-264 (k=32, 6-12-64-48), ImageNet stem")
-
-
-def list_models() -> list[str]:
-    """Names of the registered models (generic ``densenet-bc-{L}-{k}``/``densenet-{L}-{k}`` also work)."""
-    return list(_MODELS)
-
-
-def describe_models() -> list[dict[str, Any]]:
-    """Each registered model's name, description, default classes, stem and parameter count.
-
-    The models are built on the ``meta`` device, so this is fast and allocates no weights.
-    """
-    rows = []
-    for name, entry in _MODELS.items():
-        with torch.device("meta"):
-            model = entry.builder()
-        config = getattr(model, "config", {})
-        rows.append({"name": name, "description": entry.description, "params": count_parameters(model),
-                     "num_classes": config.get("num_classes"), "stem": config.get("stem")})
-    return rows
-
-
-def _resolve(name: str) -> Callable[..., nn.Module]:
-    key = name.strip().lower()
-    if key in _MODELS:
-        return _MODELS[key].builder
-    for pattern, factory in _GENERIC:
-        match = pattern.fullmatch(key)
-        if match:
-            depth, k = int(match.group(1)), int(match.group(2))
-            return lambda **kw: factory(depth, k, **kw)
-    close = difflib.get_close_matches(key, list(_MODELS), n=4, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise ConfigError(f"unknown model {name!r}{hint} (see `densenet analyze --list`; generic names "
-                      f"densenet-bc-L-k and densenet-L-k also work)")
-
-
-def create_model(name: str, num_classes: int | None = None, **overrides: Any) -> nn.Module:
-    """Build the model called ``name`` (see :func:`list_models`), freshly initialised.
-
-    ``num_classes`` None keeps the entry's default (10 for CIFAR models, 1000 for ImageNet ones);
-    ``overrides`` replace constructor arguments, e.g. ``memory_efficient=True`` or ``drop_rate=0.2``.
-    """
-    builder = _resolve(name)
-    kwargs = dict(overrides)
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    try:
-        model = builder(**kwargs)
-    except TypeError as exc:  # an override the constructor does not take
-        raise ConfigError(f"cannot build {name!r} with {sorted(kwargs)}: {exc}") from None
-    if isinstance(getattr(model, "config", None), dict):
-        model.config["name"] = name.strip().lower()
-    return model
-
-
-def model_from_config(config: Mapping[str, Any]) -> nn.Module:
-    """Rebuild a model from its ``model.config`` (its ``"arch"`` selects the class)."""
-    if not isinstance(config, Mapping) or "arch" not in config:
-        raise ConfigError("model config must be a mapping with an 'arch' entry")
-    kwargs = dict(config)
-    arch = kwargs.pop("arch")
-    name = kwargs.pop("name", None)
-    if arch not in _ARCHS:
-        raise ConfigError(f"unknown model arch {arch!r}; known: {', '.join(sorted(_ARCHS))}")
-    try:
-        model = _ARCHS[arch](**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"model config does not fit arch {arch!r}: {exc}") from None
-    if isinstance(getattr(model, "config", None), dict):
-        model.config["name"] = name
-    return model
-
-
-# --------------------------------------------------------------------------------------------
-# loading torchvision-format state dicts
-
-_LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|"
-                         r"running_var|num_batches_tracked))$")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _canonical_key(key: str) -> str:
-    changed = True
-    while changed:  # DataParallel/DDP ("module.") and torch.compile ("_orig_mod.") wrappers, nested
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix):], True
-    match = _LEGACY_KEY.match(key)
-    if match:  # old torchvision checkpoints: "denselayer1.norm.1.weight" -> "denselayer1.norm1.weight"
-        key = match.group(1) + match.group(2)
-    return key
-
-
-def _shape(t: Any) -> str:
-    return "x".join(map(str, t.shape)) if t.dim() else "scalar"
-
-
-def load_state_dict_compat(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Module:
-    """Load a torchvision-format state dict into ``model`` strictly; returns ``model``.
-
-    Accepts the legacy ``norm.1``/``conv.2`` key form, ``module.`` (DataParallel/DDP) and
-    ``_orig_mod.`` (torch.compile) prefixes, and checkpoints without ``num_batches_tracked``.
-    Any missing or unexpected key or shape mismatch raises :class:`WeightsError` naming the
-    first offending key.
-    """
-    if not isinstance(state_dict, Mapping):
-        raise WeightsError(f"expected a state dict (mapping of names to tensors), got {type(state_dict).__name__}")
-    converted: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        if not isinstance(value, Tensor):
-            raise WeightsError(f"state dict entry {key!r} is a {type(value).__name__}, not a tensor")
-        converted[_canonical_key(str(key))] = value
-
-    expected = model.state_dict()
-    problems = []
-    for key, want in expected.items():
-        if key not in converted:
-            if key.endswith("num_batches_tracked"):  # absent from pre-2018 checkpoints; harmless
-                converted[key] = want.clone()
-                continue
-            problems.append(f"missing key {key!r} (model expects shape {_shape(want)})")
-        elif converted[key].shape != want.shape:
-            problems.append(f"shape mismatch for {key!r}: checkpoint has {_shape(converted[key])}, "
-                            f"model expects {_shape(want)}")
-    for key, got in converted.items():
-        if key not in expected:
-            problems.append(f"unexpected key {key!r} with shape {_shape(got)} (not in the model)")
-    if problems:
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise WeightsError(f"weights do not fit the model: {problems[0]}{more}")
-    model.load_state_dict(converted, strict=True)
-    return model
-
-
-import densenet.resnet  # noqa: E402, F401  (registers the ResNet baselines; it imports this module)

@@ -10,6 +10,8 @@ import io
 import os
 from pathlib import Path
 
+from densenet.files import atomic_write_bytes
+
 
 def _pyplot():
     import matplotlib
@@ -20,9 +22,12 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path) -> Path:
-    from densenet.weights import atomic_write_bytes
-
+def _save(fig, path, title: str = "", tight: bool = True) -> Path:
+    """Title ``fig`` (when given), lay it out tightly (unless told not to), write it as PNG atomically."""
+    if title:
+        fig.suptitle(title)
+    if tight:
+        fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     return atomic_write_bytes(path, buffer.getvalue())
@@ -55,10 +60,7 @@ def plot_curves(history: list[dict], path: str | os.PathLike, title: str = "") -
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend()
-        if title:
-            fig.suptitle(title)
-        fig.tight_layout()
-        return _save(fig, path)
+        return _save(fig, path, title)
     finally:
         plt.close(fig)
 
@@ -90,7 +92,6 @@ def plot_confusion(matrix, classes: list[str], path: str | os.PathLike, title: s
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(title or "confusion matrix")
-        fig.tight_layout()
         return _save(fig, path)
     finally:
         plt.close(fig)
@@ -126,8 +127,7 @@ def plot_feature_reuse(data: dict, path: str | os.PathLike, title: str = "") -> 
             ax.set_ylabel("source layer (s); 0 = block input")
             ax.set_title(f"{block['block']} ({n} layer{'s' if n != 1 else ''})")
         fig.colorbar(image, ax=list(axes[0]), fraction=0.03, pad=0.02, label="normalised mean |weight|")
-        fig.suptitle(title or f"feature reuse: {data.get('model', '')}")
-        return _save(fig, path)
+        return _save(fig, path, title or f"feature reuse: {data.get('model', '')}", tight=False)
     finally:
         plt.close(fig)
 
@@ -156,10 +156,7 @@ def plot_comparison(rows: list[dict], path: str | os.PathLike, title: str = "") 
             ax.grid(axis="x", alpha=0.3)
         axes[0][0].set_yticks(range(len(rows)), names)
         axes[0][0].invert_yaxis()
-        if title:
-            fig.suptitle(title)
-        fig.tight_layout()
-        return _save(fig, path)
+        return _save(fig, path, title)
     finally:
         plt.close(fig)
 
@@ -187,8 +184,6 @@ def plot_sweep(data: dict, path: str | os.PathLike, title: str = "") -> Path:
             ax.grid(alpha=0.3)
             if not rows:
                 ax.text(0.5, 0.5, "no finished runs yet", transform=ax.transAxes, ha="center")
-        fig.suptitle(title or f"sweep of {data['param']} ({data['model']})")
-        fig.tight_layout()
-        return _save(fig, path)
+        return _save(fig, path, title or f"sweep of {data['param']} ({data['model']})")
     finally:
         plt.close(fig)

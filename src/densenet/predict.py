@@ -16,15 +16,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from densenet.augment import Augmenter
+from densenet.data import _to_rgb, decode_image
 from densenet.errors import ConfigError, DataError, ImageError
+from densenet.inference import fast_inference_model
+from densenet.runtime import resolve_device
+from densenet.weights import load_model
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 
 
 def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     """One image file as a uint8 tensor (3, size, size); unreadable files raise :class:`ImageError`."""
-    from densenet.data import decode_image
-
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such file")
@@ -59,8 +62,6 @@ def image_to_tensor(image, size: int) -> torch.Tensor:
     except ImportError:  # pragma: no cover - pillow is a dependency
         Image = None
     if Image is not None and isinstance(image, Image.Image):
-        from densenet.data import _to_rgb
-
         if 0 in image.size:
             raise ImageError(f"the image has no pixels: size {image.size[0]}x{image.size[1]}")
 
@@ -94,10 +95,6 @@ def predict(
     ``{"class", "index", "probability"}`` from the most to the least likely. An unreadable image
     raises :class:`ImageError` naming it.
     """
-    from densenet.augment import Augmenter
-    from densenet.evaluate import fast_inference_model
-    from densenet.runtime import resolve_device
-
     meta = meta or getattr(model, "meta", None)
     if not meta:
         raise ConfigError("predict needs the model's meta (classes, mean, std): load it with densenet.load_model")
@@ -172,9 +169,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from densenet.runtime import resolve_device
-    from densenet.weights import load_model
-
     if args.topk < 1:
         raise ConfigError(f"--topk must be at least 1, got {args.topk}")
     device = resolve_device(args.device)

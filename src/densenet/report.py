@@ -24,78 +24,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from densenet import __version__
+from densenet.analysis import analyze_model
+from densenet.data import load_dataset
 from densenet.errors import ConfigError, DenseNetError, ResourceError
+from densenet.files import atomic_write_text
+from densenet.inference import align_classes, evaluate
+from densenet.plots import plot_confusion, plot_curves, plot_feature_reuse
+from densenet.registry import model_from_config
+from densenet.reuse import feature_reuse
+from densenet.rundir import RunDir, read_run
+from densenet.runtime import resolve_device
+from densenet.weights import load_model
 
-__all__ = ["read_run", "build_report", "add_arguments", "run"]
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-
-
-def read_run(path: str | Path) -> dict[str, Any]:
-    """What a run directory records, gathered into one dict.
-
-    Keys: ``dir``, ``name``, ``settings`` (the training config), ``resolved``, ``environment``,
-    ``history`` (one dict per epoch from ``metrics.jsonl``), ``meta`` (``model.json`` or None),
-    ``model_config``, ``model_name``, ``final_test_acc``, ``best_acc``, ``best_epoch``,
-    ``epochs_completed``, ``epochs``, ``finished``, ``stop_reason``, ``wall_seconds``,
-    ``images_per_second`` (over all epochs), ``test_images`` (the test set training evaluated on),
-    ``confusion`` (``confusion.json`` or None).
-    """
-    run = Path(path)
-    if not run.is_dir():
-        raise ConfigError(f"run directory not found: {run}")
-    config_file, meta_file, metrics_file = run / "config.json", run / "model.json", run / "metrics.jsonl"
-    if not config_file.is_file() and not meta_file.is_file():
-        raise ConfigError(f"{run} is not a densenet train run directory (no config.json or model.json)")
-    info = _read_json(config_file) if config_file.is_file() else {}
-    meta = _read_json(meta_file) if meta_file.is_file() else None
-    history = []
-    if metrics_file.is_file():
-        try:
-            history = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines() if line]
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read {metrics_file}: {exc}") from None
-    settings = info.get("config") or {}
-    resolved = info.get("resolved") or {}
-    training = (meta or {}).get("training") or {}
-    model_config = (meta or {}).get("config") or resolved.get("model_config")
-    tested = [row["test_acc"] for row in history if row.get("test_acc") is not None]
-    final = training.get("final_test_acc", tested[-1] if tested else None)
-    if tested and training.get("best_acc") is None:
-        best = max(tested)
-        best_epoch = next(row["epoch"] for row in history if row.get("test_acc") == best)
-    else:
-        best, best_epoch = training.get("best_acc"), training.get("best_epoch")
-    seconds = sum(row.get("train_seconds") or 0.0 for row in history)
-    images = sum((row.get("images_per_second") or 0.0) * (row.get("train_seconds") or 0.0) for row in history)
-    confusion = _read_json(run / "confusion.json") if (run / "confusion.json").is_file() else None
-    return {
-        "dir": str(run),
-        "name": run.resolve().name,
-        "settings": settings,
-        "resolved": resolved,
-        "environment": info.get("environment") or {},
-        "history": history,
-        "meta": meta,
-        "model_config": model_config,
-        "model_name": (model_config or {}).get("name") or settings.get("model") or run.name,
-        "final_test_acc": final,
-        "best_acc": best,
-        "best_epoch": best_epoch,
-        "epochs_completed": training.get("epochs_completed", len(history)),
-        "epochs": settings.get("epochs", training.get("epochs")),
-        "finished": training.get("finished", False),
-        "stop_reason": training.get("stop_reason") or ("" if meta else "unfinished (no final weights)"),
-        "wall_seconds": training.get("wall_seconds", history[-1].get("elapsed_seconds") if history else None),
-        "images_per_second": images / seconds if seconds else None,
-        "test_images": resolved.get("test_images"),
-        "confusion": confusion,
-    }
+__all__ = ["build_report", "add_arguments", "run"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,8 +74,6 @@ def _table(headers: list[str] | None, rows: list[list[Any]], numeric_from: int =
 def _analysis(run: dict[str, Any]) -> dict[str, Any] | None:
     import torch
 
-    from densenet.analysis import analyze_model
-    from densenet.models import model_from_config
 
     if not run["model_config"]:
         return None
@@ -146,10 +86,6 @@ def _analysis(run: dict[str, Any]) -> dict[str, Any] | None:
 
 def _evaluate_run(run: dict[str, Any], data_dir: str | None, device: str) -> tuple[dict | None, str]:
     """The test-set evaluation of the run's final weights: (result, note)."""
-    from densenet.data import load_dataset
-    from densenet.evaluate import align_classes, evaluate
-    from densenet.weights import load_model
-
     settings, meta = run["settings"], run["meta"] or {}
     try:
         model, meta = load_model(run["dir"], device=device)
@@ -163,8 +99,6 @@ def _evaluate_run(run: dict[str, Any], data_dir: str | None, device: str) -> tup
 
 
 def _run_section(run: dict[str, Any], index: int, workdir: Path, evaluate_missing: bool, data_dir, device) -> str:
-    from densenet.plots import plot_confusion, plot_curves, plot_feature_reuse
-
     parts = [f'<section id="run{index}"><h2>{html.escape(run["name"])}: {html.escape(run["model_name"])}</h2>',
              f'<p class="path">{html.escape(run["dir"])}</p>']
 
@@ -198,7 +132,7 @@ def _run_section(run: dict[str, Any], index: int, workdir: Path, evaluate_missin
     parts.append("<div><h3>settings</h3>" + (_table(["setting", "value"] * len(columns), grid, numeric_from=99)
                                                if settings else "<p>no config.json</p>") + "</div></div>")
 
-    curves = Path(run["dir"]) / "curves.png"
+    curves = RunDir(run["dir"]).curves
     if not curves.is_file() and run["history"]:
         curves = plot_curves(run["history"], workdir / f"curves{index}.png", title=run["model_name"])
     parts.append("<h3>training curves</h3>" + (_img(_png_uri(curves), "training curves", "chart curves")
@@ -226,9 +160,6 @@ def _run_section(run: dict[str, Any], index: int, workdir: Path, evaluate_missin
 
 
 def _reuse_figure(run: dict[str, Any], index: int, workdir: Path, plot) -> str:
-    from densenet.reuse import feature_reuse
-    from densenet.weights import load_model
-
     if (run["model_config"] or {}).get("arch") != "densenet":
         return "<p>not a DenseNet: no dense blocks to map</p>"
     try:
@@ -272,8 +203,6 @@ img.chart { display: block; max-width: 100%; height: auto; border: 1px solid #dd
 def build_report(run_dirs: list[str | Path], *, evaluate_missing: bool = True, data_dir: str | None = None,
                  device: str = "cpu") -> str:
     """The HTML page for ``run_dirs`` (see the module docstring)."""
-    from densenet import __version__
-
     if not run_dirs:
         raise ConfigError("name at least one run directory")
     runs = [read_run(d) for d in run_dirs]
@@ -304,9 +233,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from densenet.runtime import resolve_device
-    from densenet.weights import atomic_write_text
-
     device = resolve_device(args.device)
     page = build_report(args.run_dirs, evaluate_missing=args.evaluate, data_dir=args.data_dir, device=str(device))
     try:

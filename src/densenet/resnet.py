@@ -9,10 +9,8 @@ identity when shapes agree, else a 1x1 projection with batch norm (the paper's o
 bottleneck the stride sits on the 3x3 convolution, as in torchvision (He et al. put it on the
 first 1x1; the parameter count is the same).
 
-Importing this module registers ``resnet18-cifar``, ``resnet34-cifar`` and ``resnet50-cifar``
-with :func:`densenet.models.register_model` and the ``"resnet"`` arch with
-:func:`densenet.models.register_arch`; :mod:`densenet.models` imports it, so the names work
-wherever the registry does.
+:mod:`densenet.registry` names them ``resnet18-cifar``, ``resnet34-cifar`` and ``resnet50-cifar``
+(arch ``"resnet"``), so they work wherever a model name does.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ import torch
 from torch import Tensor, nn
 
 from densenet.errors import ConfigError
-from densenet.models import register_arch, register_model
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "resnet18_cifar", "resnet34_cifar", "resnet50_cifar"]
 
@@ -195,9 +192,3 @@ def resnet50_cifar(num_classes: int = 10, **overrides: Any) -> ResNet:
     """ResNet-50 for 32x32 images: Bottleneck, 3-4-6-3 (23,520,842 parameters for 10 classes)."""
     kwargs = {"block": "bottleneck", "layers": [3, 4, 6, 3], "num_classes": num_classes, **overrides}
     return _named(ResNet(**kwargs), "resnet50-cifar")
-
-
-register_arch("resnet", ResNet)
-register_model("resnet18-cifar", resnet18_cifar, "ResNet-18 baseline (BasicBlock 2-2-2-2, 3x3 stem, no max-pool), CIFAR")
-register_model("resnet34-cifar", resnet34_cifar, "ResNet-34 baseline (BasicBlock 3-4-6-3, 3x3 stem, no max-pool), CIFAR")
-register_model("resnet50-cifar", resnet50_cifar, "ResNet-50 baseline (Bottleneck 3-4-6-3, 3x3 stem, no max-pool), CIFAR")

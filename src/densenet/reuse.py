@@ -12,23 +12,20 @@ the last block, by the classifier (which sees norm5 of those channels after pool
 consumer is the last column of each map. Batch-norm scales in front of the convolutions are not
 folded in: the map shows the convolution weights, as in the paper.
 
-``densenet analyze --weights PATH --feature-reuse [--out DIR]`` writes ``feature_reuse.json``
-and ``feature_reuse.png`` (see :func:`run_analyze`).
+``densenet analyze --weights PATH --feature-reuse [--out DIR]`` (:mod:`densenet.analyze`) writes
+``feature_reuse.json`` and ``feature_reuse.png``.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from densenet.errors import ConfigError, ResourceError
+from densenet.errors import ConfigError
 
-__all__ = ["feature_reuse", "format_feature_reuse", "run_analyze"]
+__all__ = ["feature_reuse", "format_feature_reuse"]
 
 
 def _mean_abs(weight: torch.Tensor, start: int, stop: int) -> float:
@@ -130,48 +127,3 @@ def format_feature_reuse(data: dict[str, Any]) -> str:
             mean = f"{sum(later) / len(later):.3f}" if later else "-"
             lines.append(f"  {label:<8}{mean:>24}{norm[s][n]:>16.3f}")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# densenet analyze --weights PATH [--feature-reuse] [--out DIR]
-
-
-def run_analyze(args) -> int:
-    """``densenet analyze`` with ``--weights``: the trained model's analysis, or its feature-reuse maps."""
-    from densenet.analysis import analyze_model, format_analysis
-    from densenet.weights import load_model
-
-    if not args.weights:
-        raise ConfigError("--feature-reuse needs trained weights: add --weights PATH")
-    if args.model:
-        raise ConfigError("give either a MODEL name or --weights, not both")
-    if Path(args.weights).suffix == ".onnx":
-        raise ConfigError("--weights for analyze must be PyTorch weights (a weights or run directory, "
-                          ".safetensors or checkpoint), not ONNX")
-    model, _meta = load_model(args.weights)
-    if not args.feature_reuse:
-        data = analyze_model(model, args.input_size)
-        print(json.dumps(data, indent=2) if args.json else format_analysis(data))
-        return 0
-
-    from densenet.plots import plot_feature_reuse
-    from densenet.weights import atomic_write_text
-
-    data = feature_reuse(model)
-    data["weights"] = str(args.weights)
-    weights = Path(args.weights)
-    out = Path(args.out) if args.out else (weights if weights.is_dir() else weights.parent)
-    try:
-        atomic_write_text(out / "feature_reuse.json", json.dumps(data, indent=2) + "\n")
-        plot_feature_reuse(data, out / "feature_reuse.png")
-    except OSError as exc:
-        raise ResourceError(f"cannot write the feature-reuse map to {out}: {exc.strerror or exc} (use --out DIR)") from None
-    data["files"] = [str(out / "feature_reuse.json"), str(out / "feature_reuse.png")]
-    if args.json:
-        json.dump(data, sys.stdout, indent=2)
-        print()
-    else:
-        print(format_feature_reuse(data))
-        for file in data["files"]:
-            print(f"wrote {file}")
-    return 0

@@ -1,5 +1,5 @@
 """Shared runtime helpers for every command: the device, autocast, glibc's allocator policy, the
-process's peak memory, the CPU's name.
+process's memory (the one reader of it), the CPU's name and the environment record of a run.
 
 Commands import these from here, never from one another.
 """
@@ -7,9 +7,12 @@ Commands import these from here, never from one another.
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import resource
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -105,3 +108,49 @@ def peak_rss_mb() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def current_rss_mb() -> float:
+    """Resident set size now, in MiB (the peak so far where /proc is missing)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mb()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA's allocator peak on a GPU, else this process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_mb()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+            text=True, timeout=5, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment(device: torch.device) -> dict:
+    """What a run's ``config.json`` records of where it ran: versions, platform, device, threads, git commit."""
+    from densenet import __version__
+
+    env = {
+        "densenet": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+        or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "git_commit": _git_commit(),
+    }
+    return env

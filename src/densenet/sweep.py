@@ -2,7 +2,7 @@
 
 ``densenet sweep --param growth_rate --values 8,12,24,32 [--out DIR] [train flags]`` trains the
 model (``--model``, else the recipe's, else densenet121-cifar) once per value, one run after the
-other, through :func:`densenet.train.train` with the same training settings; each run has its own
+other, through :func:`densenet.trainer.train` with the same training settings; each run has its own
 run directory ``DIR/<param>-<value>``. ``sweep.json`` records the sweep's settings when it starts;
 at the end it writes ``sweep.md`` and ``sweep-results.json`` (a table of parameters, MACs and test
 accuracy per value) and ``sweep.png`` (accuracy against parameters and against MACs).
@@ -20,11 +20,11 @@ Which model each value gives:
   ``densenet-bc-100-24``; depth 40 becomes ``densenet-bc-40-12``), so the block configuration and
   the stem width (2k for BC models) follow the paper's rules;
 - any other constructor argument of the model (``compression``, ``bn_size``, ``growth_rate`` of
-  other models, ``num_init_features``, ``drop_rate``, a ResNet's ``widths``...) is an override: the
-  run's model is registered as ``<model>@<param>=<value>`` for this process, and its weights
-  record the full configuration, so ``densenet evaluate``/``predict``/``report`` load them anywhere.
-  (``densenet train --resume`` of such a run outside the sweep does not know the name; re-run the
-  sweep instead.)
+  other models, ``num_init_features``, ``drop_rate``, a ResNet's ``widths``...) is a keyword
+  argument of the run (``TrainConfig.model_kwargs``, stored in its checkpoint), labelled
+  ``<model>@<param>=<value>`` in the table. Nothing is registered anywhere: every run of a sweep
+  resumes with plain ``densenet train --resume RUN_DIR``, and its weights record the full
+  configuration, so ``densenet evaluate``/``predict``/``report`` load them anywhere.
 """
 
 from __future__ import annotations
@@ -36,9 +36,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from densenet.errors import ConfigError, ResourceError
+import torch
 
-__all__ = ["parse_values", "variant_model", "sweep", "format_table", "add_arguments", "run"]
+from densenet.analysis import analyze_model
+from densenet.config import add_config_arguments, explicit_settings, format_recipes, make_config
+from densenet.errors import ConfigError, ResourceError
+from densenet.files import atomic_write_text
+from densenet.plots import plot_sweep
+from densenet.registry import create_model, model_from_config
+from densenet.rundir import RunDir, read_run
+from densenet.trainer import train
+
+__all__ = ["parse_values", "variant_model", "variant_label", "sweep", "format_table", "add_arguments", "run"]
 
 DONE_MARKER = "sweep-done.json"
 SWEEP_FILE = "sweep.json"
@@ -70,13 +79,10 @@ def _text(value: int | float) -> str:
     return str(value) if isinstance(value, int) else f"{value:g}"
 
 
-def variant_model(model: str, param: str, value: int | float) -> str:
-    """The registry name of ``model`` with ``param`` set to ``value`` (registered if needed; see above)."""
-    import torch
-
-    from densenet.models import create_model, register_model
-
+def variant_model(model: str, param: str, value: int | float) -> tuple[str, dict[str, Any]]:
+    """The model name and keyword arguments that give ``model`` with ``param`` set to ``value`` (see above)."""
     base = model.strip().lower()
+    kwargs: dict[str, Any] = {}
     for template, pattern in _FAMILIES:
         match = pattern.fullmatch(base)
         if match and param in ("depth", "growth_rate"):
@@ -89,21 +95,24 @@ def variant_model(model: str, param: str, value: int | float) -> str:
         if param == "depth":
             raise ConfigError(f"--param depth needs a densenet-bc-L-k or densenet-L-k model, not {model!r} "
                               f"(for others sweep block_config's members directly)")
-        name = f"{base}@{param}={_text(value)}"
-        register_model(name, lambda **kw: create_model(base, **{param: value, **kw}),
-                       f"{base} with {param}={_text(value)} (densenet sweep)")
+        name, kwargs = base, {param: value}
     with torch.device("meta"):  # fail now, before any training, if the value does not fit
         try:
-            create_model(name)
+            create_model(name, **kwargs)
         except ConfigError as exc:
             raise ConfigError(f"{param}={_text(value)} does not work for {model}: {exc}") from None
-    return name
+    return name, kwargs
+
+
+def variant_label(name: str, kwargs: dict[str, Any]) -> str:
+    """How the table names a variant: the model name, with ``@param=value`` for keyword arguments."""
+    return name + "".join(f"@{k}={_text(v)}" for k, v in kwargs.items())
 
 
 def _is_done(run_dir: Path) -> bool:
     if (run_dir / DONE_MARKER).is_file():
         return True
-    meta_file = run_dir / "model.json"
+    meta_file = RunDir(run_dir).meta
     if meta_file.is_file():
         try:
             return bool(json.loads(meta_file.read_text(encoding="utf-8"))["training"]["finished"])
@@ -114,8 +123,6 @@ def _is_done(run_dir: Path) -> bool:
 
 def _check_sweep_file(out: Path, record: dict[str, Any]) -> None:
     """Refuse to mix runs of different settings in one sweep directory; record the settings."""
-    from densenet.weights import atomic_write_text
-
     path = out / SWEEP_FILE
     if path.is_file():
         try:
@@ -135,19 +142,14 @@ def _check_sweep_file(out: Path, record: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
-def _row(param: str, value, name: str, run_dir: Path) -> dict[str, Any]:
+def _row(param: str, value, name: str, kwargs: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """One table row: the model's size (as the run built it, when there is a run) and the run's results."""
-    import torch
-
-    from densenet.analysis import analyze_model
-    from densenet.models import create_model, model_from_config
-    from densenet.report import read_run
-
-    run = read_run(run_dir) if (run_dir / "config.json").is_file() or (run_dir / "model.json").is_file() else None
+    files = RunDir(run_dir)
+    run = read_run(run_dir) if files.config.is_file() or files.meta.is_file() else None
     with torch.device("meta"):  # the run's classifier has as many outputs as its data has classes
-        model = model_from_config(run["model_config"]) if run and run["model_config"] else create_model(name)
+        model = model_from_config(run["model_config"]) if run and run["model_config"] else create_model(name, **kwargs)
     analysis = analyze_model(model)
-    row = {"param": param, "value": value, "model": name, "params": analysis["total"]["params"],
+    row = {"param": param, "value": value, "model": variant_label(name, kwargs), "params": analysis["total"]["params"],
            "macs": analysis["total"]["macs"], "run_dir": str(run_dir), "status": "not started",
            "epochs_completed": 0, "epochs": None, "final_test_acc": None, "best_acc": None, "best_epoch": None,
            "wall_seconds": None, "images_per_second": None}
@@ -162,13 +164,11 @@ def sweep(param: str, values: list[int | float], settings: dict[str, Any] | None
           out_dir: str | Path | None = None, say=print) -> dict[str, Any]:
     """Train once per value (skipping finished runs, resuming unfinished ones); return the table.
 
-    ``settings`` are :class:`densenet.train.TrainConfig` fields (``recipe`` included) shared by
+    ``settings`` are :class:`densenet.config.TrainConfig` fields (``recipe`` included) shared by
     every run; ``model`` is the model whose ``param`` is swept. Returns ``{"param", "model",
     "out_dir", "rows", "stopped"}``; ``stopped`` is ``"SIGINT"``/``"SIGTERM"`` when a signal ended
     the sweep early, else ``""``. The table files are written in both cases.
     """
-    from densenet.train import make_config, train
-
     settings = dict(settings or {})
     for key in OWNED[1:]:
         if settings.get(key) not in (None, ""):
@@ -178,7 +178,7 @@ def sweep(param: str, values: list[int | float], settings: dict[str, Any] | None
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", param or ""):
         raise ConfigError(f"--param must be a model parameter name such as growth_rate, got {param!r}")
     base = make_config(settings)
-    names = [variant_model(base.model, param, v) for v in values]
+    variants = [variant_model(base.model, param, v) for v in values]
     out = Path(out_dir) if out_dir else Path("runs") / f"sweep-{base.model}-{param}"
     shared = {k: v for k, v in asdict(base).items() if k not in OWNED + RUNTIME_ONLY}
     try:
@@ -188,20 +188,19 @@ def sweep(param: str, values: list[int | float], settings: dict[str, Any] | None
         raise ResourceError(f"cannot write the sweep directory {out}: {exc.strerror or exc}") from None
 
     stopped = ""
-    for i, (value, name) in enumerate(zip(values, names), start=1):
+    for i, (value, (name, kwargs)) in enumerate(zip(values, variants), start=1):
         run_dir = out / f"{param}-{_text(value)}"
-        label = f"[{i}/{len(values)}] {param}={_text(value)} ({name})"
+        label = f"[{i}/{len(values)}] {param}={_text(value)} ({variant_label(name, kwargs)})"
         if _is_done(run_dir):
             say(f"{label}: finished before, skipped ({run_dir})")
             continue
-        resuming = (run_dir / "checkpoint-last.pt").is_file()
+        resuming = RunDir(run_dir).last.is_file()
         say(f"{label}: {'resuming' if resuming else 'training'} in {run_dir}")
-        config = make_config(base, model=name, out_dir=str(run_dir), weights_dir=None, resume="auto")
+        config = make_config(base, model=name, model_kwargs={**base.model_kwargs, **kwargs}, out_dir=str(run_dir),
+                             weights_dir=None, resume="auto")
         result = train(config)
         if result.stop_reason == "completed":
-            from densenet.weights import atomic_write_text
-
-            summary = {"param": param, "value": value, "model": name, "final_test_acc": result.final_test_acc,
+            summary = {"param": param, "value": value, "model": variant_label(name, kwargs), "final_test_acc": result.final_test_acc,
                        "best_acc": result.best_acc, "epochs_completed": result.epochs_completed}
             atomic_write_text(run_dir / DONE_MARKER, json.dumps(summary, indent=2) + "\n")
         elif result.stop_reason in ("SIGINT", "SIGTERM"):
@@ -211,7 +210,7 @@ def sweep(param: str, values: list[int | float], settings: dict[str, Any] | None
         else:
             say(f"{label}: stopped ({result.stop_reason}); the next invocation resumes it")
 
-    rows = [_row(param, v, n, out / f"{param}-{_text(v)}") for v, n in zip(values, names)]
+    rows = [_row(param, v, n, kw, out / f"{param}-{_text(v)}") for v, (n, kw) in zip(values, variants)]
     data = {"param": param, "model": base.model, "out_dir": str(out), "rows": rows, "stopped": stopped}
     _write_outputs(data, out)
     return data
@@ -237,9 +236,6 @@ def format_table(data: dict[str, Any]) -> str:
 
 
 def _write_outputs(data: dict[str, Any], out: Path) -> None:
-    from densenet.plots import plot_sweep
-    from densenet.weights import atomic_write_text
-
     atomic_write_text(out / "sweep.md", format_table(data) + "\n")
     atomic_write_text(out / "sweep-results.json", json.dumps(data, indent=2) + "\n")
     plot_sweep(data, out / "sweep.png")
@@ -250,26 +246,24 @@ def _write_outputs(data: dict[str, Any], out: Path) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from densenet import train
-
     g = parser.add_argument_group("sweep")
     g.add_argument("--param", default=None, help="model parameter to vary: growth_rate, compression, bn_size, "
                                                    "depth (densenet-bc-L-k / densenet-L-k), ...")
     g.add_argument("--values", default=None, help="comma-separated values, e.g. 8,12,24,32")
     g.add_argument("--out", default=None, metavar="DIR",
                    help="sweep directory (default runs/sweep-<model>-<param>); one run directory per value")
-    train.add_arguments(parser)
+    groups = add_config_arguments(parser)
+    groups["model and data"].add_argument("--list-recipes", action="store_true",
+                                          help="show the recipes and what they set, then exit")
 
 
 def run(args: argparse.Namespace) -> int:
-    from densenet import train
-
     if args.list_recipes:
-        print(train.format_recipes())
+        print(format_recipes())
         return 0
     if not args.param or not args.values:
         raise ConfigError("give the parameter and its values, e.g. --param growth_rate --values 8,12,24,32")
-    settings = train.explicit_settings(args)
+    settings = explicit_settings(args)
     if args.recipe:
         settings["recipe"] = args.recipe
     data = sweep(args.param, parse_values(args.values), settings, args.out)

@@ -26,35 +26,31 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from densenet.errors import ConfigError, WeightsError
+from densenet.files import atomic_write_bytes, atomic_write_text
 from densenet.pretrained import pretrained_names, resolve_weights
+from densenet.registry import model_from_config
 
 FORMAT = "densenet-weights"
 FORMAT_VERSION = 1
 CHECKPOINT_FORMAT = "densenet-checkpoint"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
-CHECKPOINT_NAMES = ("checkpoint-best.pt", "checkpoint-last.pt")
+CHECKPOINT_BEST = "checkpoint-best.pt"
+CHECKPOINT_LAST = "checkpoint-last.pt"
+CHECKPOINT_NAMES = (CHECKPOINT_BEST, CHECKPOINT_LAST)  # what a run directory is loaded from, in order
 
 
-# --- atomic files -----------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that readers see either the old or the new file, never half."""
-    return _atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+# --- atomic checkpoint files ----------------------------------------------------------------
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -68,64 +64,66 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write_bytes(path, buffer.getbuffer())
 
 
-def _atomic_write(path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, _file_mode(path))
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc  # name the file (disk full, ...)
-        raise
-    _fsync_dir(path.parent)
-    return path
+# --- torchvision-format state dicts ---------------------------------------------------------
+
+_LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|"
+                         r"running_var|num_batches_tracked))$")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # what _atomic_write's mkstemp names look like
+def _canonical_key(key: str) -> str:
+    changed = True
+    while changed:  # DataParallel/DDP ("module.") and torch.compile ("_orig_mod.") wrappers, nested
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    match = _LEGACY_KEY.match(key)
+    if match:  # old torchvision checkpoints: "denselayer1.norm.1.weight" -> "denselayer1.norm1.weight"
+        key = match.group(1) + match.group(2)
+    return key
 
 
-def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files of atomic writes that a killed process left in ``directory``.
+def _shape(t: Any) -> str:
+    return "x".join(map(str, t.shape)) if t.dim() else "scalar"
 
-    Only for a directory this process owns (a run directory): a live writer's file would go too.
+
+def load_state_dict_compat(model: nn.Module, state_dict: Mapping[str, Any]) -> nn.Module:
+    """Load a torchvision-format state dict into ``model`` strictly; returns ``model``.
+
+    Accepts the legacy ``norm.1``/``conv.2`` key form, ``module.`` (DataParallel/DDP) and
+    ``_orig_mod.`` (torch.compile) prefixes, and checkpoints without ``num_batches_tracked``.
+    Any missing or unexpected key or shape mismatch raises :class:`WeightsError` naming the
+    first offending key.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    stale = [p for p in directory.iterdir() if _TEMPORARY.match(p.name) and p.is_file()]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
+    if not isinstance(state_dict, Mapping):
+        raise WeightsError(f"expected a state dict (mapping of names to tensors), got {type(state_dict).__name__}")
+    converted: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, Tensor):
+            raise WeightsError(f"state dict entry {key!r} is a {type(value).__name__}, not a tensor")
+        converted[_canonical_key(str(key))] = value
 
+    expected = model.state_dict()
+    problems = []
+    for key, want in expected.items():
+        if key not in converted:
+            if key.endswith("num_batches_tracked"):  # absent from pre-2018 checkpoints; harmless
+                converted[key] = want.clone()
+                continue
+            problems.append(f"missing key {key!r} (model expects shape {_shape(want)})")
+        elif converted[key].shape != want.shape:
+            problems.append(f"shape mismatch for {key!r}: checkpoint has {_shape(converted[key])}, "
+                            f"model expects {_shape(want)}")
+    for key, got in converted.items():
+        if key not in expected:
+            problems.append(f"unexpected key {key!r} with shape {_shape(got)} (not in the model)")
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise WeightsError(f"weights do not fit the model: {problems[0]}{more}")
+    model.load_state_dict(converted, strict=True)
+    return model
 
-def _file_mode(path: Path) -> int:
-    """The target's current permissions, or those a new file gets (mkstemp's are owner-only)."""
-    try:
-        return path.stat().st_mode & 0o777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --- weights directories ----------------------------------------------------------------------
@@ -238,8 +236,6 @@ def check_fit(config: dict, state: dict, source) -> None:
 
 
 def _build(config: dict, source, device: str | None = None, max_parameters: int | None = None):
-    from densenet.models import model_from_config
-
     try:
         with torch.device(device or "cpu"), _at_most_parameters(max_parameters):
             return model_from_config(config)
@@ -254,8 +250,6 @@ def _build(config: dict, source, device: str | None = None, max_parameters: int 
 
 
 def _load(model, state: dict, config: dict, source) -> None:
-    from densenet.models import load_state_dict_compat
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # loading into meta tensors is a no-op: there only shapes are checked
@@ -309,7 +303,7 @@ def load_state_and_meta(path: str | os.PathLike) -> tuple[dict, dict]:
             if (path / name).is_file():
                 return state_and_meta_from_checkpoint(load_checkpoint(path / name), path / name)
         raise WeightsError(
-            f"{path} holds no {WEIGHTS_FILE} and no checkpoint-best.pt/checkpoint-last.pt"
+            f"{path} holds no {WEIGHTS_FILE} and no {CHECKPOINT_BEST}/{CHECKPOINT_LAST}"
         )
     if path.suffix == ".safetensors":
         return _read_safetensors(path)

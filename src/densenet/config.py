@@ -1,0 +1,438 @@
+"""Training configuration: every setting of a run, the named recipes, validation, the schedule.
+
+:class:`TrainConfig` holds every setting, each written once: its default, its help text and its
+flag group live in the field (``setting(...)``), and :func:`add_config_arguments` generates the
+``densenet train`` flags from the fields (``--batch-size`` for ``batch_size``; booleans get
+``--x/--no-x``). :data:`RECIPES` are named presets of it; :func:`make_config` layers a recipe under
+explicit values; :func:`validate` rejects a bad setting with one line; :func:`lr_factor` is the
+learning-rate schedule. docs/TRAINING.md's flag table is checked against these fields by a test.
+
+Fields marked ``augment=True`` are the :class:`densenet.augment.Augmenter`'s keyword arguments:
+:func:`augment_settings` hands them over by name, so a new augmentation is a new ``Augmenter``
+argument plus a field here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from densenet.errors import ConfigError
+from densenet.registry import create_model
+from densenet.runtime import resolve_device
+
+__all__ = ["TrainConfig", "RECIPES", "SCHEDULES", "AMPS", "PROGRESS", "RESUME_FIXED", "make_config",
+           "recipe_settings", "config_fields", "parse_milestones", "milestone_epochs", "warmup_epochs",
+           "validate", "lr_factor", "augment_settings", "model_overrides", "add_config_arguments",
+           "explicit_settings", "format_recipes"]
+
+SCHEDULES = ("step", "cosine", "onecycle", "constant")
+AMPS = ("none", "bf16", "fp16")
+PROGRESS = ("auto", "bar", "lines", "none")
+DATASETS = ("cifar10", "cifar100")
+# settings a resumed run must share with its checkpoint (they define the model and the batches)
+RESUME_FIXED = ("model", "model_kwargs", "dataset", "batch_size", "seed", "subset", "val_split", "dropout",
+                "num_classes", "whiten")
+
+# flag groups of `densenet train --help`, in order
+MODEL, OPTIM, AUGMENT, HARDWARE, RUN = "model and data", "optimisation", "augmentation and evaluation", "hardware", "run"
+DISTRIBUTED = "distributed (torchrun -m densenet train ...; see docs/DISTRIBUTED.md)"
+GROUPS = (MODEL, OPTIM, AUGMENT, HARDWARE, RUN, DISTRIBUTED)
+
+
+def setting(default: Any = None, help: str = "", group: str = RUN, *, factory=None, augment: bool = False,
+            **argparse_options: Any) -> Any:
+    """A :class:`TrainConfig` field with what its flag needs: help text, group, argparse options.
+
+    ``augment=True`` marks an :class:`densenet.augment.Augmenter` keyword argument. ``argparse_options``
+    (``choices``, ``metavar``, ``nargs``, ``const``) go to ``add_argument`` as they are.
+    """
+    metadata = {"help": help, "group": group, "augment": augment, "argparse": argparse_options}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. The defaults are the original design's (``recipe original``)."""
+
+    recipe: str | None = setting(None, "named preset (see --list-recipes); flags override it", MODEL)
+    model: str = setting("densenet121-cifar", "model name (see densenet analyze --list)", MODEL)
+    model_kwargs: dict = setting(
+        factory=dict, help="constructor arguments of the model as JSON, e.g. '{\"growth_rate\": 24}' "
+        "(stored in the checkpoint: a resumed run rebuilds the same model)", group=MODEL, metavar="JSON")
+    dataset: str = setting("cifar10", "", MODEL, choices=DATASETS)
+    data_dir: str | None = setting(None, "dataset directory (default: $DENSENET_DATA, else ./data)", MODEL)
+    num_classes: int | None = setting(None, "classifier outputs (default: the number of classes in the data)", MODEL)
+    val_split: int = setting(0, "hold out N seeded training images for validation (and best-checkpoint choice)",
+                             MODEL, metavar="N")
+    subset: int | None = setting(None, "train on N training images drawn with the seed (default: all)", MODEL,
+                                 metavar="N")
+    test_subset: int | None = setting(None, "evaluate on N test images (default: all)", MODEL, metavar="N")
+    dropout: float = setting(0.0, "dropout after each dense layer's last convolution", MODEL)
+    memory_efficient: bool = setting(False, "recompute the concatenations in backward (less memory, more time)",
+                                     MODEL)
+    whiten: bool = setting(False, "set the stem to frozen patch-whitening filters of the training images (the "
+                           "model's stem must have 2 x 27 = 54 channels, as the densenet-cpu-* models do)", MODEL)
+
+    epochs: int = setting(200, "", OPTIM)
+    batch_size: int = setting(64, "images per step per process; under torchrun the global batch is this x the "
+                              "number of processes, and --lr is used as given", OPTIM)
+    lr: float = setting(0.01, "peak learning rate", OPTIM)
+    momentum: float = setting(0.9, "SGD momentum", OPTIM)
+    nesterov: bool = setting(False, "Nesterov momentum", OPTIM)
+    weight_decay: float = setting(1e-4, "on all parameters (as in the paper)", OPTIM)
+    schedule: str = setting("step", "learning rate per optimizer step", OPTIM, choices=SCHEDULES)
+    milestones: list[float] = setting(
+        factory=lambda: [0.25, 0.375], help="step schedule: epochs, e.g. 50,75, or fractions of the run, e.g. "
+        "0.5,0.75 (the default is epochs 50 and 75 of 200, scaled with --epochs)", group=OPTIM)
+    gamma: float = setting(0.1, "factor at each milestone", OPTIM)
+    warmup_epochs: float | None = setting(None, "linear warm-up before any schedule (default 0; onecycle: 30%% "
+                                          "of the epochs)", OPTIM)
+    label_smoothing: float = setting(0.0, "", OPTIM)
+    ema: float | None = setting(None, "keep and evaluate an exponential moving average of the weights with this "
+                                "decay, e.g. 0.999 (default off)", OPTIM, metavar="DECAY")
+
+    crop_padding: int = setting(4, "random crop of the zero-padded image", AUGMENT, augment=True)
+    flip: bool = setting(True, "random horizontal flip", AUGMENT, augment=True)
+    alternate_flip: bool = setting(False, "flip each image in every other epoch instead of at random (a fixed "
+                                   "half of the images in even epochs, the other half in odd ones; needs --flip)",
+                                   AUGMENT, augment=True)
+    cutout: int = setting(0, "cutout square side in pixels (0: off)", AUGMENT, augment=True)
+    color_jitter: float = setting(0.0, "brightness/contrast/saturation strength (0: off)", AUGMENT, augment=True)
+    tta: bool = setting(False, "flip test-time augmentation in evaluation", AUGMENT)
+    eval_every: int = setting(1, "evaluate every N epochs (and after the last)", AUGMENT, metavar="N")
+    eval_batch_size: int | None = setting(None, "default: max(batch size, 500)", AUGMENT)
+
+    device: str = setting("auto", "auto (CUDA when present), cpu or cuda", HARDWARE)
+    amp: str = setting("none", "autocast precision", HARDWARE, choices=AMPS)
+    channels_last: bool = setting(True, "NHWC memory format for the model", HARDWARE)
+    compile: bool = setting(False, "torch.compile the training model", HARDWARE)
+    threads: int | None = setting(None, "CPU threads for torch (default: torch's)", HARDWARE)
+    seed: int = setting(0, "initialisation, batch order, augmentation, hold-out", HARDWARE)
+
+    out_dir: str | None = setting(None, "run directory (default runs/<model>-<timestamp>)", RUN)
+    weights_dir: str | None = setting("densenet121_weights", "where the final weights go (also into the run "
+                                      "directory)", RUN)
+    resume: str | None = setting(None, "continue from a checkpoint or run directory; auto: from --out-dir (or the "
+                                 "newest unfinished runs/<model>-*) if there is a checkpoint, else start afresh",
+                                 RUN, metavar="PATH|auto")
+    max_minutes: float | None = setting(None, "stop cleanly after this much wall time in this process", RUN)
+    progress: str = setting("auto", "auto: a bar on a terminal, else one line per epoch", RUN, choices=PROGRESS)
+    tensorboard: str | None = setting(
+        None, "write per-epoch losses, accuracies, learning rate, images/s and peak memory as TensorBoard events "
+        "to DIR (default <run directory>/tensorboard); needs the tensorboard extra", RUN, nargs="?", const="",
+        metavar="DIR")
+
+    sync_bn: bool = setting(False, "under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm; "
+                            "CUDA only)", DISTRIBUTED)
+    dist_timeout: float = setting(300.0, "under torchrun: how long a process waits for the others (start-up, each "
+                                  "collective) before failing", DISTRIBUTED, metavar="SECONDS")
+
+
+# the CPU recipes' shared settings: densenet-cpu-s with a whitened stem (docs/TRAINING.md: how chosen)
+_CPU_S = dict(model="densenet-cpu-s", whiten=True, batch_size=128, lr=0.2, momentum=0.9, nesterov=True,
+              weight_decay=5e-4, schedule="onecycle", label_smoothing=0.1, crop_padding=4, flip=True,
+              channels_last=True)
+
+
+def _cpu_recipe(minutes: int, epochs: int, warmup: float, description: str) -> dict:
+    """A CPU recipe: the shared densenet-cpu-s settings for ``epochs`` epochs within ``minutes``."""
+    settings = dict(_CPU_S, epochs=epochs, warmup_epochs=warmup, max_minutes=float(minutes))
+    return {"description": description, "settings": settings}
+
+
+def _step_recipe(model: str, epochs: int, lr: float, nesterov: bool, milestones: list[float],
+                 description: str) -> dict:
+    """A step-decay SGD recipe: batch 64, momentum 0.9, wd 1e-4, x0.1 at each milestone, crop+flip."""
+    settings = dict(model=model, epochs=epochs, batch_size=64, lr=lr, momentum=0.9, nesterov=nesterov,
+                    weight_decay=1e-4, schedule="step", milestones=milestones, gamma=0.1, crop_padding=4, flip=True)
+    return {"description": description, "settings": settings}
+
+
+RECIPES: dict[str, dict] = {
+    "original": _step_recipe("densenet121-cifar", 200, 0.01, False, [50.0, 75.0],
+                             "the original design: densenet121-cifar, 200 epochs, batch 64, SGD lr 0.01 momentum "
+                             "0.9, step x0.1 at epochs 50 and 75, He init, crop+flip"),
+    "paper": _step_recipe("densenet-bc-100-12", 300, 0.1, True, [0.5, 0.75],
+                          "Huang et al.'s CIFAR setup: densenet-bc-100-12, 300 epochs, batch 64, lr 0.1, Nesterov "
+                          "0.9, wd 1e-4, x0.1 at 50% and 75%, crop+flip"),
+    "quick": _cpu_recipe(10, 3, 0.6, "CPU demo, <= 10 minutes: densenet-cpu-s with a whitened stem, 3 epochs, "
+                         "batch 128, one-cycle to lr 0.2, Nesterov, wd 5e-4, label smoothing 0.1, crop+flip, "
+                         "channels_last"),
+    "cpu-30m": _cpu_recipe(30, 8, 1.3, "CPU, <= 30 minutes: the quick recipe for 8 epochs (1.3 warm-up epochs)"),
+    "cpu-90m": _cpu_recipe(90, 24, 3.5, "CPU, <= 90 minutes: the quick recipe for 24 epochs (3.5 warm-up epochs)"),
+    "fast": {
+        "description": "GPU time-to-accuracy plumbing (untuned): densenet121-cifar, bf16, channels_last, "
+        "batch 512, one-cycle to lr 0.8, label smoothing 0.1, EMA 0.999, flip TTA, torch.compile",
+        "settings": dict(model="densenet121-cifar", epochs=30, batch_size=512, lr=0.8, momentum=0.9,
+                         nesterov=True, weight_decay=5e-4, schedule="onecycle", warmup_epochs=6,
+                         label_smoothing=0.1, amp="bf16", channels_last=True, ema=0.999, tta=True,
+                         compile=True, device="cuda"),
+    },
+}
+
+
+
+def config_fields() -> list[str]:
+    """The names of :class:`TrainConfig`'s fields, in order."""
+    return [f.name for f in fields(TrainConfig)]
+
+
+def make_config(config: TrainConfig | dict | None = None, **overrides) -> TrainConfig:
+    """A :class:`TrainConfig` from a config, a dict (recipe values under explicit ones), or keywords.
+
+    A dict or keywords may name ``recipe``: its settings apply first, the other values on top.
+    """
+    if isinstance(config, TrainConfig):
+        values = asdict(config)
+        values.update(overrides)
+        return TrainConfig(**values)
+    values = dict(config or {})
+    values.update(overrides)
+    unknown = sorted(set(values) - set(config_fields()))
+    if unknown:
+        raise ConfigError(f"unknown training setting(s): {', '.join(unknown)}")
+    base: dict = {}
+    if values.get("recipe"):
+        base.update(recipe_settings(values["recipe"]))
+    base.update({k: v for k, v in values.items()})
+    return TrainConfig(**base)
+
+
+def recipe_settings(name: str) -> dict:
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)} (see --list-recipes)")
+    return dict(RECIPES[name]["settings"], recipe=name)
+
+
+def parse_milestones(text: str | list | tuple | None) -> list[float]:
+    """``"50,75"`` or ``"0.5,0.75"`` (or a list) as a list of floats."""
+    if text is None:
+        return []
+    if isinstance(text, (list, tuple)):
+        items = list(text)
+    else:
+        items = [t for t in str(text).replace(" ", "").split(",") if t]
+    try:
+        return [float(t) for t in items]
+    except ValueError:
+        raise ConfigError(f"--milestones must be numbers separated by commas, got {text!r}") from None
+
+
+def milestone_epochs(config: TrainConfig) -> list[float]:
+    """Milestones in epochs: fractions (all values < 1) are scaled by the number of epochs."""
+    values = parse_milestones(config.milestones)
+    if values and all(0 < v < 1 for v in values):
+        return [v * config.epochs for v in values]
+    return values
+
+
+def warmup_epochs(config: TrainConfig) -> float:
+    if config.warmup_epochs is not None:
+        return float(config.warmup_epochs)
+    return 0.3 * config.epochs if config.schedule == "onecycle" else 0.0
+
+
+def validate(config: TrainConfig) -> None:
+    """Raise :class:`ConfigError` with one line for the first bad setting."""
+
+    c = config
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    def is_int(v) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    need(is_int(c.epochs) and c.epochs >= 1, f"--epochs must be a positive integer, got {c.epochs!r}")
+    need(is_int(c.batch_size) and c.batch_size >= 1, f"--batch-size must be a positive integer, got {c.batch_size!r}")
+    need(c.lr > 0 and math.isfinite(c.lr), f"--lr must be positive, got {c.lr}")
+    need(0 <= c.momentum < 1, f"--momentum must be in [0, 1), got {c.momentum}")
+    need(not (c.nesterov and c.momentum == 0), "--nesterov needs a momentum above 0")
+    need(c.weight_decay >= 0, f"--weight-decay must not be negative, got {c.weight_decay}")
+    need(c.schedule in SCHEDULES, f"unknown --schedule {c.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    need(0 < c.gamma <= 1, f"--gamma must be in (0, 1], got {c.gamma}")
+    if c.schedule == "step":
+        values = parse_milestones(c.milestones)
+        fractions = [v for v in values if 0 < v < 1]
+        need(not fractions or len(fractions) == len(values),
+             f"--milestones mixes fractions and epochs: {values} (give all as epochs or all below 1)")
+        for m in milestone_epochs(c):
+            need(0 < m < c.epochs, f"milestone {m:g} is outside the run's epochs (0, {c.epochs})")
+        need(values == sorted(values), f"--milestones must be increasing, got {values}")
+    w = warmup_epochs(c)
+    need(0 <= w < c.epochs, f"--warmup-epochs must be in [0, epochs), got {w:g}")
+    need(0 <= c.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {c.label_smoothing}")
+    need(0 <= c.dropout < 1, f"--dropout must be in [0, 1), got {c.dropout}")
+    need(is_int(c.crop_padding) and c.crop_padding >= 0, f"--crop-padding must be >= 0, got {c.crop_padding!r}")
+    need(c.flip or not c.alternate_flip, "--alternate-flip needs --flip")
+    need(is_int(c.cutout) and c.cutout >= 0, f"--cutout must be >= 0, got {c.cutout!r}")
+    need(c.color_jitter >= 0, f"--color-jitter must be >= 0, got {c.color_jitter}")
+    need(is_int(c.val_split) and c.val_split >= 0, f"--val-split must be >= 0, got {c.val_split!r}")
+    need(c.subset is None or (is_int(c.subset) and c.subset >= 1), f"--subset must be >= 1, got {c.subset!r}")
+    need(c.test_subset is None or (is_int(c.test_subset) and c.test_subset >= 1),
+         f"--test-subset must be >= 1, got {c.test_subset!r}")
+    need(is_int(c.seed) and c.seed >= 0, f"--seed must be a non-negative integer, got {c.seed!r}")
+    need(c.amp in AMPS, f"unknown --amp {c.amp!r}; choose one of {', '.join(AMPS)}")
+    need(c.ema is None or 0 <= c.ema < 1, f"--ema must be a decay in (0, 1), e.g. 0.999 (0: off), got {c.ema}")
+    need(is_int(c.eval_every) and c.eval_every >= 1, f"--eval-every must be >= 1, got {c.eval_every!r}")
+    need(c.eval_batch_size is None or c.eval_batch_size >= 1, "--eval-batch-size must be >= 1")
+    need(c.max_minutes is None or c.max_minutes > 0, f"--max-minutes must be positive, got {c.max_minutes}")
+    need(c.threads is None or (is_int(c.threads) and c.threads >= 1), f"--threads must be >= 1, got {c.threads!r}")
+    need(c.num_classes is None or (is_int(c.num_classes) and c.num_classes >= 2), "--num-classes must be >= 2")
+    need(c.dataset in DATASETS, f"unknown --dataset {c.dataset!r}; choose cifar10 or cifar100")
+    need(isinstance(c.model_kwargs, dict) and all(isinstance(k, str) for k in c.model_kwargs),
+         f"--model-kwargs must be a JSON object of constructor arguments, got {c.model_kwargs!r}")
+    if c.tensorboard is not None:
+        need(importlib.util.find_spec("tensorboard") is not None,
+             "--tensorboard needs the 'tensorboard' package, which is not installed: pip install 'densenet[tensorboard]'")
+    need(c.progress in PROGRESS, f"progress must be one of {', '.join(PROGRESS)}, got {c.progress!r}")
+    need(c.dist_timeout > 0 and math.isfinite(c.dist_timeout),
+         f"--dist-timeout must be positive seconds, got {c.dist_timeout}")
+    if c.recipe is not None:
+        recipe_settings(c.recipe)
+    device = resolve_device(c.device)
+    need(not (c.amp == "fp16" and device.type == "cpu"),
+         "--amp fp16 training needs CUDA (loss scaling); use --amp bf16 on the CPU (as densenet bench says too)")
+    need(not c.sync_bn or device.type == "cuda",
+         "--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU)")
+    with torch.device("meta"):  # the name and the keyword arguments must build a model
+        model = create_model(c.model, num_classes=10, **model_overrides(c))
+    if c.whiten:
+        conv = getattr(getattr(model, "features", None), "conv0", None)
+        shape = tuple(conv.weight.shape) if isinstance(conv, torch.nn.Conv2d) else None
+        need(shape is not None and shape[0] == 2 * shape[1] * shape[2] * shape[3],
+             f"--whiten needs a stem convolution with 2 x 3 x 3 x 3 = 54 stem channels (for 3x3 patches); "
+             f"{c.model} has {shape[0] if shape else 'no such stem'} (use a densenet-cpu-* model)")
+
+
+# --- learning-rate schedule -------------------------------------------------------------------
+
+
+def lr_factor(step: int, steps_per_epoch: int, config: TrainConfig) -> float:
+    """The learning rate at optimizer step ``step`` (0-based) as a fraction of ``config.lr``.
+
+    A linear warm-up over ``warmup_epochs`` (from 1/warmup-steps to 1) precedes every schedule:
+    ``constant``; ``step`` (multiplied by ``gamma`` at each milestone epoch); ``cosine`` (half a
+    cosine down to 0 at the end); ``onecycle`` (after the warm-up peak, straight down to 0 at the
+    end: a triangular one-cycle schedule).
+    """
+    total = config.epochs * steps_per_epoch
+    warm = round(warmup_epochs(config) * steps_per_epoch)
+    if step < warm:
+        return (step + 1) / warm
+    epoch = step / steps_per_epoch
+    progress = (step - warm) / max(1, total - warm)
+    if config.schedule == "constant":
+        return 1.0
+    if config.schedule == "step":
+        return config.gamma ** sum(1 for m in milestone_epochs(config) if epoch >= m)
+    if config.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return max(0.0, 1.0 - progress)
+
+
+def model_overrides(config: TrainConfig) -> dict[str, Any]:
+    """The model's constructor arguments this run sets: ``model_kwargs``, then ``dropout`` and ``memory_efficient``."""
+    overrides = dict(config.model_kwargs or {})
+    if config.dropout:
+        overrides["drop_rate"] = config.dropout
+    if config.memory_efficient:
+        overrides["memory_efficient"] = True
+    return overrides
+
+
+def augment_settings(config: TrainConfig) -> dict[str, Any]:
+    """The :class:`densenet.augment.Augmenter` keyword arguments of ``config`` (its ``augment=True`` fields)."""
+    return {f.name: getattr(config, f.name) for f in fields(TrainConfig) if f.metadata.get("augment")}
+
+
+# --- command-line flags, generated from the fields --------------------------------------------
+
+
+def _default(f) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def _format_default(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(f"{v:g}" for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _parse_json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"growth_rate\": 24}}', got {text!r}")
+    return value
+
+
+_TYPES = {"int": int, "float": float, "str": str, "dict": _parse_json_object}
+
+
+def flag_help(f) -> str:
+    """A field's help text with its default (None defaults are explained by the help text itself)."""
+    text, default = f.metadata["help"], _default(f)
+    if default is None or default == {}:
+        return text
+    return f"{text} (default {_format_default(default)})".lstrip()
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    """One flag per :class:`TrainConfig` field, in its group; every default None (unset: see explicit_settings).
+
+    Returns the argument groups by name, so that a command can add its own flags to them.
+    """
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
+    for f in fields(TrainConfig):
+        options = dict(f.metadata["argparse"])
+        kind = str(f.type).split("|")[0].split("[")[0].strip()
+        if kind == "bool":
+            options["action"] = argparse.BooleanOptionalAction
+        elif kind in _TYPES and kind != "str" and "nargs" not in options:
+            options["type"] = _TYPES[kind]
+        groups[f.metadata["group"]].add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+                                                 help=flag_help(f), **options)
+    return groups
+
+
+def explicit_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line (argparse leaves the others None)."""
+    values = {}
+    for name in config_fields():
+        if name == "recipe":
+            continue
+        value = getattr(args, name, None)
+        if value is not None:
+            values[name] = parse_milestones(value) if name == "milestones" else value
+    return values
+
+
+def format_recipes() -> str:
+    """Each recipe: its description and the flags it sets (marked when equal to the default)."""
+    defaults = asdict(TrainConfig())
+    lines = []
+    for name, recipe in RECIPES.items():
+        lines.append(f"{name}: {recipe['description']}")
+        for key, value in recipe["settings"].items():
+            mark = "" if defaults.get(key) != value else "  (default)"
+            lines.append(f"    --{key.replace('_', '-')} {value}{mark}")
+    return "\n".join(lines)
