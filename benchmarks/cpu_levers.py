@@ -11,6 +11,10 @@ Two parts, each run on a quiet machine (nothing else of yours beside it):
     .venv/bin/python benchmarks/cpu_levers.py accuracy --data-dir ../shared/data/cifar10-jpeg \\
         --set '{"model": "densenet-cpu-s", "whiten": true}' --subset 25000 --epochs 2
 
+    # multi-view test-time augmentation of trained weights: the mirror and 1- or 2-pixel shifts
+    # (reflection padding) of every test image, alone and averaged in the usual combinations
+    .venv/bin/python benchmarks/cpu_levers.py tta --weights densenet-cpu-s-90m --data-dir ../shared/data/cifar10-jpeg
+
 Each part prints one JSON line per variant; docs/TRAINING.md ("What each lever gave") lists the
 figures and the commands that produced them.
 """
@@ -58,6 +62,51 @@ def step_speed(model_name: str, batch: int, amp: str, channels_last: bool, compi
             "warmup_seconds": round(first, 1), "threads": torch.get_num_threads()}
 
 
+def shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``x`` moved by (dy, dx) pixels, the uncovered border filled by reflection."""
+    p = max(abs(dy), abs(dx))
+    padded = F.pad(x, (p, p, p, p), mode="reflect")
+    return padded[:, :, p + dy : p + dy + x.shape[2], p + dx : p + dx + x.shape[3]]
+
+
+def tta_views(weights: str, data_dir: str) -> list[dict]:
+    """Test top-1 of single views and of averaged view sets (flip; flip x diagonal shifts of 1 and 2)."""
+    from densenet.augment import Augmenter
+    from densenet.data import load_dataset
+    from densenet.inference import fast_inference_model
+    from densenet.weights import load_model
+
+    model, meta = load_model(weights)
+    test = load_dataset(data_dir, split="test")
+    normalise = Augmenter(meta["mean"], meta["std"], channels_last=True)
+    runner = fast_inference_model(model, "cpu", "none")
+    shifts = [(0, 0), (-1, -1), (1, 1), (-2, -2), (2, 2)]
+    logits: dict[tuple, list] = {(s, f): [] for s in shifts for f in (False, True)}
+    with torch.no_grad():
+        for start in range(0, len(test), 500):
+            x = normalise(test.images[start : start + 500], train=False)
+            for shift, flip in logits:
+                view = shifted(x, *shift) if shift != (0, 0) else x
+                view = view.flip(3) if flip else view
+                logits[shift, flip].append(runner(view.contiguous(memory_format=torch.channels_last)).float())
+    views = {key: torch.cat(parts) for key, parts in logits.items()}
+
+    def top1(z: torch.Tensor) -> float:
+        return round(100 * (z.argmax(1) == test.labels).float().mean().item(), 2)
+
+    def pair(shift: tuple) -> torch.Tensor:
+        return views[shift, False] + views[shift, True]
+
+    rows = [{"views": f"shift {s}{' mirrored' if f else ''}", "top1": top1(z)} for (s, f), z in views.items()]
+    rows.append({"views": "flip (2 views)", "top1": top1(pair((0, 0)))})
+    for d in (1, 2):
+        shifted_pairs = pair((-d, -d)) + pair((d, d))
+        rows.append({"views": f"flip x shifts of {d} (6 views, equal weights)", "top1": top1(pair((0, 0)) + shifted_pairs)})
+        rows.append({"views": f"flip x shifts of {d} (6 views, unshifted pair weighted 1/2)",
+                     "top1": top1(pair((0, 0)) / 2 + shifted_pairs / 4)})
+    return [dict(row, weights=weights) for row in rows]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="part", required=True)
@@ -73,6 +122,10 @@ def main() -> None:
     a.add_argument("--epochs", type=int, default=2)
     a.add_argument("--threads", type=int, default=None)
     a.add_argument("--out-dir", default=None)
+    v = sub.add_parser("tta")
+    v.add_argument("--weights", required=True, help="weights path or shipped model name")
+    v.add_argument("--data-dir", required=True)
+    v.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     set_malloc_policy("retain")
     if args.threads:
@@ -85,10 +138,16 @@ def main() -> None:
                 print(json.dumps(step_speed(name, args.batch, amp, cl, comp)), flush=True)
         return
 
+    if args.part == "tta":
+        for row in tta_views(args.weights, args.data_dir):
+            print(json.dumps(row), flush=True)
+        return
+
     from densenet.trainer import train
 
     settings = dict(recipe="quick", data_dir=args.data_dir, subset=args.subset, epochs=args.epochs,
-                    warmup_epochs=0.25 * args.epochs, max_minutes=None, weights_dir=None, progress="lines",
+                    warmup_epochs=0.25 * args.epochs, max_minutes=None, fit_epochs=False, weights_dir=None,
+                    progress="lines",
                     threads=args.threads, out_dir=args.out_dir or f"runs/levers-{int(time.time())}")
     settings.update(json.loads(args.set))
     t = time.time()

@@ -1,9 +1,11 @@
 """Test accuracy against wall-clock minutes for measured training runs, one line per run.
 
-    .venv/bin/python scripts/plot_recipes.py runs/quick runs/cpu30 --out docs/cpu_recipes.png
+    .venv/bin/python scripts/plot_recipes.py runs/quick densenet-cpu-s-30m --out docs/cpu_recipes.png
 
-Reads each run directory's metrics.csv (``elapsed_seconds`` is the wall time from the start of
-training to the end of that epoch's evaluation) and config.json (the recipe, for the legend).
+Each argument is a run directory or the name of a shipped model. A run directory gives its
+metrics.csv (``elapsed_seconds`` is the wall time from the start of training to the end of that
+epoch's evaluation) and config.json (the recipe, for the legend); a shipped model gives the same
+figures from its model card.
 """
 
 from __future__ import annotations
@@ -18,19 +20,34 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from densenet.pretrained import pretrained_card, pretrained_names  # noqa: E402
+
+
+def curve(run: str) -> tuple[str, float, list[float], list[float]]:
+    """(recipe, mean training images/s, seconds at the end of each epoch's evaluation, test accuracy
+    of each epoch)."""
+    if not Path(run).is_dir() and run in pretrained_names():
+        card = pretrained_card(run)
+        return (card["recipe"], card["images_per_second"], card["elapsed_seconds_per_epoch"],
+                card["test_acc_per_epoch"])
+    rows = [r for r in csv.DictReader((Path(run) / "metrics.csv").open()) if r.get("test_acc")]
+    config = json.loads((Path(run) / "config.json").read_text())["config"]
+    speed = sum(float(r["images_per_second"]) for r in rows) / max(len(rows), 1)
+    return (config.get("recipe") or Path(run).name, speed, [float(r["elapsed_seconds"]) for r in rows],
+            [float(r["test_acc"]) for r in rows])
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("runs", nargs="+", help="run directories or shipped model names")
     p.add_argument("--out", required=True, help="PNG file")
     args = p.parse_args()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for run in map(Path, args.runs):
-        rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("test_acc")]
-        config = json.loads((run / "config.json").read_text())["config"]
-        minutes = [0.0] + [float(r["elapsed_seconds"]) / 60 for r in rows]
-        accuracy = [10.0] + [100 * float(r["test_acc"]) for r in rows]
-        label = f"{config.get('recipe') or run.name}: {accuracy[-1]:.2f}% in {minutes[-1]:.1f} min"
+    for run in args.runs:
+        recipe, speed, seconds, accuracies = curve(run)
+        minutes = [0.0] + [s / 60 for s in seconds]
+        accuracy = [10.0] + [100 * a for a in accuracies]
+        label = f"{recipe}: {accuracy[-1]:.2f}% in {minutes[-1]:.1f} min, {len(seconds)} epochs at {speed:.0f} img/s"
         ax.plot(minutes, accuracy, marker="o", label=label)
     for target in (85, 90, 93):
         ax.axhline(target, color="grey", linewidth=0.6, linestyle=":")

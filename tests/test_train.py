@@ -92,6 +92,8 @@ def test_warmup_cosine_onecycle_constant():
         (["--milestones", "0.5,75"], "mixes fractions and epochs"),
         (["--lr", "0"], "--lr must be positive"),
         (["--ema", "1.5"], "--ema must be a decay"),
+        (["--bn-lr-scale", "0"], "--bn-lr-scale must be positive"),
+        (["--fit-epochs"], "--fit-epochs needs --max-minutes"),
         (["--warmup-epochs", "500"], "--warmup-epochs"),
         (["--nesterov", "--momentum", "0"], "--nesterov needs a momentum"),
         (["--amp", "fp16", "--device", "cpu"], "--amp fp16 training needs CUDA"),
@@ -141,6 +143,23 @@ def test_list_recipes(capsys):
     for name in ("original", "paper", "quick", "cpu-30m", "cpu-90m", "fast"):
         assert f"{name}:" in out
     assert "--milestones [0.5, 0.75]" in out
+
+
+def test_bn_lr_scale_puts_the_batchnorm_parameters_in_a_group_of_their_own():
+    from densenet.registry import create_model
+
+    model = create_model("densenet-bc-10-4")
+    assert len(TR.parameter_groups(model, C.TrainConfig())) == 1
+    others, norms = TR.parameter_groups(model, C.TrainConfig(lr=0.1, weight_decay=5e-4, bn_lr_scale=8.0))
+    bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms["params"]) == 2 * len(bn) and {id(p) for p in norms["params"]} == {
+        id(p) for m in bn for p in (m.weight, m.bias)}
+    assert len(others["params"]) + len(norms["params"]) == len(list(model.parameters()))
+    assert norms["lr"] == pytest.approx(0.8) and norms["weight_decay"] == pytest.approx(5e-4 / 8)
+    # the schedule scales both groups alike: the BN group stays at 8x the others' learning rate
+    opt = torch.optim.SGD([others, norms], lr=0.1, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    assert sched.get_last_lr() == pytest.approx([0.05, 0.4])
 
 
 def test_batch_seed_is_stable_and_distinct():
@@ -280,8 +299,9 @@ def test_tensorboard_without_the_package_is_a_one_line_error(tiny_data, monkeypa
     assert "pip install 'densenet[tensorboard]'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("options", [dict(cutout=8), dict(color_jitter=0.4), dict(tta=True), dict(amp="bf16")],
-                         ids=["cutout", "color-jitter", "tta", "bf16"])
+@pytest.mark.parametrize("options", [dict(cutout=8), dict(color_jitter=0.4), dict(tta=True), dict(amp="bf16"),
+                                     dict(bn_lr_scale=8.0)],
+                         ids=["cutout", "color-jitter", "tta", "bf16", "bn-lr-scale"])
 def test_training_options_learn_and_resume_exactly(tiny_data, tmp_path, monkeypatch, options):
     kw = dict(epochs=2, **options)
     whole = TR.train(tiny_config(tiny_data, tmp_path / "whole", **kw))
@@ -391,6 +411,44 @@ def test_time_budget_stops_cleanly_and_resumes(tiny_data, tmp_path):
     assert meta["training"]["final_test_acc"] == result.final_test_acc is not None
     again = TR.train(tiny_config(tiny_data, out, epochs=3, resume=str(out)))
     assert again.stop_reason == "completed" and again.epochs_completed == 3
+
+
+def test_fitting_epochs_arithmetic():
+    # 100 steps of 0.5 s per epoch and a 10,000-image evaluation at a third of a step per batch of 100:
+    # 50 + 16.7 s an epoch; 600 s less the 5% margin, 20 s spent after 10 steps (5 s of them counted back)
+    assert TR.fitting_epochs(600, 20, 0.5, 10, 100, 10_000, 100, 1, most=50) == int((570 - 20 + 5) // (50 + 50 / 3))
+    assert TR.fitting_epochs(600, 20, 0.5, 10, 100, 10_000, 100, 2, most=50) == int(555 // (50 + 25 / 3))
+    assert TR.fitting_epochs(600, 20, 0.5, 10, 100, 10_000, 100, 1, most=4) == 4
+    assert TR.fitting_epochs(60, 20, 0.5, 10, 100, 10_000, 100, 1, most=50, least=2) == 2
+
+
+def test_fit_epochs_sets_the_epochs_once_and_a_resume_keeps_them(tiny_data, tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_fit(budget, elapsed, per_step, steps_done, steps_per_epoch, eval_images, batch_size, eval_every,
+                 most, least=1):
+        calls.append(dict(budget=budget, steps_done=steps_done, steps_per_epoch=steps_per_epoch,
+                          eval_images=eval_images, most=most, least=least))
+        assert per_step > 0 and elapsed > 0
+        return 2
+
+    monkeypatch.setattr(TR, "FIT_STEPS", (1, 3))
+    monkeypatch.setattr(TR, "fitting_epochs", fake_fit)
+    kw = dict(epochs=5, schedule="onecycle", warmup_epochs=0.5, fit_epochs=True, max_minutes=30, progress="lines")
+    whole = TR.train(tiny_config(tiny_data, tmp_path / "whole", **kw))
+    assert calls == [dict(budget=1800, steps_done=3, steps_per_epoch=6, eval_images=24, most=5, least=1)]
+    assert whole.stop_reason == "completed" and whole.epochs_completed == 2 and len(whole.history) == 2
+    assert whole.history[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # the one-cycle schedule ends with the run
+    out = capsys.readouterr().out
+    assert "at most 5 epochs" in out and "so 2 of at most 5 epochs fit in the 30-minute budget" in out
+    assert json.loads((tmp_path / "whole" / "config.json").read_text())["config"]["epochs"] == 2
+    # stopped in epoch 2 and resumed with the same command: the choice holds, nothing is timed again
+    monkeypatch.setenv(TR.SIGTERM_AFTER_STEP_ENV, "8")
+    assert TR.train(tiny_config(tiny_data, tmp_path / "split", **kw)).stop_reason == "SIGTERM"
+    monkeypatch.delenv(TR.SIGTERM_AFTER_STEP_ENV)
+    resumed = TR.train(tiny_config(tiny_data, tmp_path / "split", resume="auto", **kw))
+    assert len(calls) == 2 and resumed.epochs_completed == 2
+    _assert_same(_final_weights(tmp_path / "whole"), _final_weights(tmp_path / "split"))
 
 
 def test_resume_auto_without_checkpoint_starts_afresh_and_checks_settings(tiny_data, tmp_path):

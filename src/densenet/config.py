@@ -38,7 +38,7 @@ PROGRESS = ("auto", "bar", "lines", "none")
 DATASETS = ("cifar10", "cifar100")
 # settings a resumed run must share with its checkpoint (they define the model and the batches)
 RESUME_FIXED = ("model", "model_kwargs", "dataset", "batch_size", "seed", "subset", "val_split", "dropout",
-                "num_classes", "whiten")
+                "num_classes", "whiten", "bn_lr_scale")
 
 # flag groups of `densenet train --help`, in order
 MODEL, OPTIM, AUGMENT, HARDWARE, RUN = "model and data", "optimisation", "augmentation and evaluation", "hardware", "run"
@@ -89,6 +89,9 @@ class TrainConfig:
     momentum: float = setting(0.9, "SGD momentum", OPTIM)
     nesterov: bool = setting(False, "Nesterov momentum", OPTIM)
     weight_decay: float = setting(1e-4, "on all parameters (as in the paper)", OPTIM)
+    bn_lr_scale: float = setting(1.0, "learning-rate multiplier for the BatchNorm weights and biases, whose weight "
+                                 "decay is divided by it (fast CIFAR trainers' higher BN learning rate)", OPTIM,
+                                 metavar="X")
     schedule: str = setting("step", "learning rate per optimizer step", OPTIM, choices=SCHEDULES)
     milestones: list[float] = setting(
         factory=lambda: [0.25, 0.375], help="step schedule: epochs, e.g. 50,75, or fractions of the run, e.g. "
@@ -125,6 +128,9 @@ class TrainConfig:
                                  "newest unfinished runs/<model>-*) if there is a checkpoint, else start afresh",
                                  RUN, metavar="PATH|auto")
     max_minutes: float | None = setting(None, "stop cleanly after this much wall time in this process", RUN)
+    fit_epochs: bool = setting(False, "with --max-minutes: time the first optimizer steps and lower --epochs to "
+                               "what fits in the budget, evaluations included (the schedule follows; a resumed "
+                               "run keeps the choice)", RUN)
     progress: str = setting("auto", "auto: a bar on a terminal, else one line per epoch", RUN, choices=PROGRESS)
     tensorboard: str | None = setting(
         None, "write per-epoch losses, accuracies, learning rate, images/s and peak memory as TensorBoard events "
@@ -140,12 +146,13 @@ class TrainConfig:
 # the CPU recipes' shared settings: densenet-cpu-s with a whitened stem (docs/TRAINING.md: how chosen)
 _CPU_S = dict(model="densenet-cpu-s", whiten=True, batch_size=128, lr=0.2, momentum=0.9, nesterov=True,
               weight_decay=5e-4, schedule="onecycle", label_smoothing=0.1, crop_padding=4, flip=True,
-              channels_last=True)
+              alternate_flip=True, bn_lr_scale=16.0, channels_last=True)
 
 
-def _cpu_recipe(minutes: int, epochs: int, warmup: float, description: str) -> dict:
-    """A CPU recipe: the shared densenet-cpu-s settings for ``epochs`` epochs within ``minutes``."""
-    settings = dict(_CPU_S, epochs=epochs, warmup_epochs=warmup, max_minutes=float(minutes))
+def _cpu_recipe(minutes: int, most_epochs: int, warmup: float, description: str) -> dict:
+    """A CPU recipe: the shared densenet-cpu-s settings for as many epochs as fit in ``minutes`` (at
+    most ``most_epochs``), chosen by --fit-epochs from the measured speed of the first steps."""
+    settings = dict(_CPU_S, epochs=most_epochs, warmup_epochs=warmup, max_minutes=float(minutes), fit_epochs=True)
     return {"description": description, "settings": settings}
 
 
@@ -164,11 +171,14 @@ RECIPES: dict[str, dict] = {
     "paper": _step_recipe("densenet-bc-100-12", 300, 0.1, True, [0.5, 0.75],
                           "Huang et al.'s CIFAR setup: densenet-bc-100-12, 300 epochs, batch 64, lr 0.1, Nesterov "
                           "0.9, wd 1e-4, x0.1 at 50% and 75%, crop+flip"),
-    "quick": _cpu_recipe(10, 3, 0.6, "CPU demo, <= 10 minutes: densenet-cpu-s with a whitened stem, 3 epochs, "
-                         "batch 128, one-cycle to lr 0.2, Nesterov, wd 5e-4, label smoothing 0.1, crop+flip, "
-                         "channels_last"),
-    "cpu-30m": _cpu_recipe(30, 8, 1.3, "CPU, <= 30 minutes: the quick recipe for 8 epochs (1.3 warm-up epochs)"),
-    "cpu-90m": _cpu_recipe(90, 24, 3.5, "CPU, <= 90 minutes: the quick recipe for 24 epochs (3.5 warm-up epochs)"),
+    "quick": _cpu_recipe(10, 12, 0.8, "CPU demo, <= 10 minutes: densenet-cpu-s with a whitened stem, as many "
+                         "epochs as fit (--fit-epochs, at most 12), batch 128, one-cycle to lr 0.2 (0.8 warm-up "
+                         "epochs), Nesterov, wd 5e-4 (BatchNorm: lr x16, wd /16), label smoothing 0.1, crop + "
+                         "alternating flip, channels_last"),
+    "cpu-30m": _cpu_recipe(30, 40, 1.8, "CPU, <= 30 minutes: the quick recipe for as many epochs as fit (at most "
+                           "40; 1.8 warm-up epochs)"),
+    "cpu-90m": _cpu_recipe(90, 120, 3.5, "CPU, <= 90 minutes: the quick recipe for as many epochs as fit (at "
+                           "most 120; 3.5 warm-up epochs)"),
     "fast": {
         "description": "GPU time-to-accuracy plumbing (untuned): densenet121-cifar, bf16, channels_last, "
         "batch 512, one-cycle to lr 0.8, label smoothing 0.1, EMA 0.999, flip TTA, torch.compile",
@@ -259,6 +269,7 @@ def validate(config: TrainConfig) -> None:
     need(0 <= c.momentum < 1, f"--momentum must be in [0, 1), got {c.momentum}")
     need(not (c.nesterov and c.momentum == 0), "--nesterov needs a momentum above 0")
     need(c.weight_decay >= 0, f"--weight-decay must not be negative, got {c.weight_decay}")
+    need(c.bn_lr_scale > 0, f"--bn-lr-scale must be positive, got {c.bn_lr_scale}")
     need(c.schedule in SCHEDULES, f"unknown --schedule {c.schedule!r}; choose one of {', '.join(SCHEDULES)}")
     need(0 < c.gamma <= 1, f"--gamma must be in (0, 1], got {c.gamma}")
     if c.schedule == "step":
@@ -287,6 +298,7 @@ def validate(config: TrainConfig) -> None:
     need(is_int(c.eval_every) and c.eval_every >= 1, f"--eval-every must be >= 1, got {c.eval_every!r}")
     need(c.eval_batch_size is None or c.eval_batch_size >= 1, "--eval-batch-size must be >= 1")
     need(c.max_minutes is None or c.max_minutes > 0, f"--max-minutes must be positive, got {c.max_minutes}")
+    need(not c.fit_epochs or c.max_minutes, "--fit-epochs needs --max-minutes (the budget to fit)")
     need(c.threads is None or (is_int(c.threads) and c.threads >= 1), f"--threads must be >= 1, got {c.threads!r}")
     need(c.num_classes is None or (is_int(c.num_classes) and c.num_classes >= 2), "--num-classes must be >= 2")
     need(c.dataset in DATASETS, f"unknown --dataset {c.dataset!r}; choose cifar10 or cifar100")

@@ -21,6 +21,7 @@ reduced across processes, and only rank 0 prints and writes files.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import signal
@@ -61,7 +62,7 @@ from densenet.runtime import autocast, environment, peak_memory_mb
 from densenet.weights import load_checkpoint, make_meta, plain_state_dict, save_checkpoint, save_model
 
 __all__ = ["train", "Trainer", "TrainResult", "RunState", "EpochSums", "StopRequest", "SIGTERM_AFTER_STEP_ENV",
-           "batch_seed", "seeded_subset", "load_data"]
+           "batch_seed", "seeded_subset", "load_data", "parameter_groups", "fitting_epochs", "FIT_STEPS"]
 
 # test hook: send SIGTERM to this process after this many optimizer steps (global count); see step_hooks
 SIGTERM_AFTER_STEP_ENV = "DENSENET_SIGTERM_AFTER_STEP"
@@ -78,6 +79,19 @@ def seeded_subset(dataset, n: int | None, seed: int):
     perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     idx = perm[:n].sort().values
     return dataclasses.replace(dataset, images=dataset.images[idx], labels=dataset.labels[idx])
+
+
+def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
+    """The optimizer's parameter groups: one, or with ``bn_lr_scale`` != 1 a second one holding the
+    BatchNorm weights and biases at ``lr x scale`` and ``weight_decay / scale``."""
+    scale = config.bn_lr_scale
+    if scale == 1:
+        return [{"params": list(model.parameters())}]
+    norms = {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             for p in m.parameters(recurse=False)}
+    return [{"params": [p for p in model.parameters() if id(p) not in norms]},
+            {"params": [p for p in model.parameters() if id(p) in norms],
+             "lr": config.lr * scale, "weight_decay": config.weight_decay / scale}]
 
 
 def batch_seed(seed: int, epoch: int, index: int, rank: int = 0) -> int:
@@ -135,11 +149,12 @@ class RunState:
     best_acc: float | None = None
     best_epoch: int | None = None
     elapsed_before: float = 0.0  # wall seconds of the earlier processes of this run
+    fitted_epochs: int | None = None  # the epochs --fit-epochs chose
 
     def checkpoint_fields(self) -> dict:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "partial": asdict(self.partial) if self.partial else None, "history": self.history,
-                "best": {"acc": self.best_acc, "epoch": self.best_epoch}}
+                "best": {"acc": self.best_acc, "epoch": self.best_epoch}, "fitted_epochs": self.fitted_epochs}
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> RunState:
@@ -149,7 +164,8 @@ class RunState:
                    global_step=int(checkpoint.get("global_step", 0)),
                    partial=EpochSums.from_checkpoint(partial) if partial else None,
                    history=list(checkpoint.get("history", [])), best_acc=best.get("acc"),
-                   best_epoch=best.get("epoch"), elapsed_before=float(checkpoint.get("elapsed_seconds", 0.0)))
+                   best_epoch=best.get("epoch"), elapsed_before=float(checkpoint.get("elapsed_seconds", 0.0)),
+                   fitted_epochs=checkpoint.get("fitted_epochs"))
 
 
 @dataclass
@@ -170,6 +186,29 @@ class TrainResult:
     @property
     def exit_code(self) -> int:
         return {"SIGINT": 130, "SIGTERM": 143}.get(self.stop_reason, 0)
+
+
+# --fit-epochs times optimizer steps FIT_STEPS[0]+1 .. FIT_STEPS[1] of a fresh run (the first ones
+# warm up the allocator and caches), leaves this fraction of the budget unplanned for the speed to
+# vary, and takes an evaluation to cost this fraction of a training step per image
+FIT_STEPS = (5, 35)
+FIT_MARGIN = 0.05
+EVAL_COST = 1 / 3
+
+
+def fitting_epochs(budget: float, elapsed: float, seconds_per_step: float, steps_done: int, steps_per_epoch: int,
+                   eval_images: int, batch_size: int, eval_every: int, most: int, least: int = 1) -> int:
+    """The number of epochs that fit in ``budget`` seconds, ``elapsed`` of them spent after ``steps_done`` steps.
+
+    An epoch costs its steps at ``seconds_per_step`` plus, every ``eval_every`` epochs, an evaluation
+    of ``eval_images`` at ``EVAL_COST`` of a training step per image; ``FIT_MARGIN`` of the budget
+    stays unplanned. The result lies in [least, most].
+    """
+    epoch = steps_per_epoch * seconds_per_step
+    evaluation = eval_images / batch_size * seconds_per_step * EVAL_COST
+    available = budget * (1 - FIT_MARGIN) - elapsed + steps_done * seconds_per_step
+    epochs = int(available // (epoch + evaluation / eval_every))
+    return max(least, min(most, epochs))
 
 
 def step_hooks() -> list[Callable[[int], None]]:
@@ -371,7 +410,7 @@ class Trainer:
                 torch.manual_seed(distributed.rank_seed(c.seed, self.dist.rank))  # distinct dropout per process
         self.train_model = torch.compile(trained) if c.compile else trained
         self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
+            parameter_groups(self.model, c), lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
             weight_decay=c.weight_decay,
         )
         spe = self.steps_per_epoch
@@ -417,6 +456,8 @@ class Trainer:
                     raise TrainingError("the checkpoint has no EMA weights; resume without --ema or start afresh")
                 self.ema.load_state_dict(checkpoint["ema"])
             self.state = RunState.from_checkpoint(checkpoint)
+            if self.config.fit_epochs and self.state.fitted_epochs:
+                self.config.epochs = int(self.state.fitted_epochs)
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise TrainingError(f"cannot resume from {self.checkpoint_source}: {exc}") from None
         world, dist = int(checkpoint.get("world_size", 1)), self.dist
@@ -465,6 +506,7 @@ class Trainer:
         )
 
     def _write_config(self) -> None:
+        self._started = getattr(self, "_started", None) or datetime.now(timezone.utc).isoformat()
         resolved = asdict(self.config)
         resolved["out_dir"] = str(self.out_dir)
         self.run_dir.write_config({
@@ -482,7 +524,7 @@ class Trainer:
             },
             "environment": environment(self.device),
             "resumed_from": str(self.checkpoint_source) if self.checkpoint_source else None,
-            "started": datetime.now(timezone.utc).isoformat(),
+            "started": self._started,
         })
 
     # checkpoints -------------------------------------------------------------------------------
@@ -531,6 +573,8 @@ class Trainer:
         train_seconds, trained_images = 0.0, 0
         start_epoch, start_step = state.epoch, state.step_in_epoch
 
+        if c.fit_epochs and state.fitted_epochs is None and state.global_step < FIT_STEPS[0]:
+            self.on_step.append(self._fit_hook(budget))
         with StopRequest(grace=2.0 if dist.distributed else 0.0) as stop:
             if start_epoch < c.epochs:
                 self._announce(start_epoch, start_step)
@@ -584,10 +628,37 @@ class Trainer:
             images_per_second=ips, history=state.history,
         )
 
+    def _fit_hook(self, budget: float) -> Callable[[int], None]:
+        """The step callback of --fit-epochs: times steps FIT_STEPS, then sets ``config.epochs``."""
+        c, dist, started = self.config, self.dist, {}
+
+        def fit(step: int) -> None:
+            first, last = FIT_STEPS
+            if step == first:
+                started["time"] = time.monotonic()
+            if step != last or "time" not in started:
+                return
+            (per_step,) = dist.max([(time.monotonic() - started["time"]) / (last - first)])
+            (elapsed,) = dist.max([time.monotonic() - self.t0])
+            views = 2 if c.tta else 1
+            eval_images = views * sum(len(ds) for ds in self.data.values() if ds is not self.data["train"])
+            least = max(1, math.floor(warmup_epochs(c)) + 1)
+            epochs = fitting_epochs(budget, elapsed, per_step, last, self.steps_per_epoch, eval_images,
+                                    c.batch_size, c.eval_every, most=max(c.epochs, least), least=least)
+            self._say(f"--fit-epochs: {per_step:.3f} s per step over steps {first + 1}-{last}, so {epochs} of at "
+                      f"most {c.epochs} epochs fit in the {budget / 60:g}-minute budget")
+            c.epochs = self.state.fitted_epochs = epochs
+            if dist.is_main:
+                self._write_config()
+
+        return fit
+
     def _announce(self, epoch: int, step: int) -> None:
         c, dist = self.config, self.dist
         where = f" from epoch {epoch + 1}, step {step}" if self.checkpoint_source else ""
-        self._say(f"training {c.model} on {len(self.data['train'])} images for {c.epochs} epochs on "
+        planned = (f"at most {c.epochs} epochs (--fit-epochs chooses after step {FIT_STEPS[1]})"
+                   if c.fit_epochs and self.state.fitted_epochs is None else f"{c.epochs} epochs")
+        self._say(f"training {c.model} on {len(self.data['train'])} images for {planned} on "
                   f"{self.device}{where}; run directory {self.out_dir}")
         if dist.distributed:
             w, b = dist.world_size, c.batch_size
