@@ -225,6 +225,23 @@ def test_real_subset_accuracy_is_over_the_whole_test_set(tmp_path, capsys):
     assert row["test_loss"] == pytest.approx(result["loss"], rel=1e-6)
 
 
+def test_fit_epochs_agrees_across_processes(tiny_data, tmp_path):
+    """--fit-epochs times the steps in both processes and takes their slower speed: one choice for both.
+
+    6 steps per epoch, so the timing window (global steps 6-35) ends in epoch 6; a 30-minute budget
+    holds far more than the 8 epochs allowed, so both processes must settle on 8 and finish together.
+    """
+    out = tmp_path / "run"
+    proc = launch(torchrun("-m", "densenet", "train", *train_args(tiny_data, out, "--fit-epochs", "--max-minutes",
+                                                                   "30", epochs=8)),
+                  environment(tmp_path, None), tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("--fit-epochs:") == 1 and "so 8 of at most 8 epochs fit" in proc.stdout
+    checkpoint = load_checkpoint(out / "checkpoint-last.pt")
+    assert checkpoint["fitted_epochs"] == 8 and checkpoint["epoch"] == 8 and checkpoint["world_size"] == 2
+    assert json.loads((out / "config.json").read_text())["config"]["epochs"] == 8
+
+
 # --- resume -----------------------------------------------------------------------------------
 
 

@@ -642,7 +642,8 @@ class Trainer:
             (elapsed,) = dist.max([time.monotonic() - self.t0])
             views = 2 if c.tta else 1
             eval_images = views * sum(len(ds) for ds in self.data.values() if ds is not self.data["train"])
-            least = max(1, math.floor(warmup_epochs(c)) + 1)
+            # never fewer epochs than the warm-up needs or than this run is already in (a tiny epoch)
+            least = max(math.floor(warmup_epochs(c)) + 1, self.state.epoch + 1)
             epochs = fitting_epochs(budget, elapsed, per_step, last, self.steps_per_epoch, eval_images,
                                     c.batch_size, c.eval_every, most=max(c.epochs, least), least=least)
             self._say(f"--fit-epochs: {per_step:.3f} s per step over steps {first + 1}-{last}, so {epochs} of at "
