@@ -420,15 +420,18 @@ def test_fitting_epochs_arithmetic():
     assert TR.fitting_epochs(600, 20, 0.5, 10, 100, 10_000, 100, 2, most=50) == int(555 // (50 + 25 / 3))
     assert TR.fitting_epochs(600, 20, 0.5, 10, 100, 10_000, 100, 1, most=4) == 4
     assert TR.fitting_epochs(60, 20, 0.5, 10, 100, 10_000, 100, 1, most=50, least=2) == 2
+    # a resumed run: 250 steps (2.5 epochs) were taken by an earlier process, this one has the whole budget
+    assert TR.fitting_epochs(600, 20, 0.5, 10, 100, 10_000, 100, 1, most=50, steps_before=250) == int(
+        555 / (50 + 50 / 3) + 2.5)
 
 
 def test_fit_epochs_sets_the_epochs_once_and_a_resume_keeps_them(tiny_data, tmp_path, monkeypatch, capsys):
     calls = []
 
     def fake_fit(budget, elapsed, per_step, steps_done, steps_per_epoch, eval_images, batch_size, eval_every,
-                 most, least=1):
+                 most, least=1, steps_before=0):
         calls.append(dict(budget=budget, steps_done=steps_done, steps_per_epoch=steps_per_epoch,
-                          eval_images=eval_images, most=most, least=least))
+                          eval_images=eval_images, most=most, least=least, steps_before=steps_before))
         assert per_step > 0 and elapsed > 0
         return 2
 
@@ -436,7 +439,8 @@ def test_fit_epochs_sets_the_epochs_once_and_a_resume_keeps_them(tiny_data, tmp_
     monkeypatch.setattr(TR, "fitting_epochs", fake_fit)
     kw = dict(epochs=5, schedule="onecycle", warmup_epochs=0.5, fit_epochs=True, max_minutes=30, progress="lines")
     whole = TR.train(tiny_config(tiny_data, tmp_path / "whole", **kw))
-    assert calls == [dict(budget=1800, steps_done=3, steps_per_epoch=6, eval_images=24, most=5, least=1)]
+    assert calls == [dict(budget=1800, steps_done=3, steps_per_epoch=6, eval_images=24, most=5, least=1,
+                          steps_before=0)]
     assert whole.stop_reason == "completed" and whole.epochs_completed == 2 and len(whole.history) == 2
     assert whole.history[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # the one-cycle schedule ends with the run
     out = capsys.readouterr().out
@@ -449,6 +453,14 @@ def test_fit_epochs_sets_the_epochs_once_and_a_resume_keeps_them(tiny_data, tmp_
     resumed = TR.train(tiny_config(tiny_data, tmp_path / "split", resume="auto", **kw))
     assert len(calls) == 2 and resumed.epochs_completed == 2
     _assert_same(_final_weights(tmp_path / "whole"), _final_weights(tmp_path / "split"))
+    # stopped before the fit was made (after step 2 of its window 1-3): the resumed process times its
+    # own first steps (global steps 3-5 after its start at step 2) and fits then, counting the 2 done
+    monkeypatch.setenv(TR.SIGTERM_AFTER_STEP_ENV, "2")
+    assert TR.train(tiny_config(tiny_data, tmp_path / "early", **kw)).stop_reason == "SIGTERM"
+    monkeypatch.delenv(TR.SIGTERM_AFTER_STEP_ENV)
+    assert len(calls) == 2  # the window was not complete: no fit yet
+    early = TR.train(tiny_config(tiny_data, tmp_path / "early", resume="auto", **kw))
+    assert len(calls) == 3 and calls[-1]["steps_before"] == 2 and early.epochs_completed == 2
 
 
 def test_resume_auto_without_checkpoint_starts_afresh_and_checks_settings(tiny_data, tmp_path):

@@ -197,17 +197,19 @@ EVAL_COST = 1 / 3
 
 
 def fitting_epochs(budget: float, elapsed: float, seconds_per_step: float, steps_done: int, steps_per_epoch: int,
-                   eval_images: int, batch_size: int, eval_every: int, most: int, least: int = 1) -> int:
+                   eval_images: int, batch_size: int, eval_every: int, most: int, least: int = 1,
+                   steps_before: int = 0) -> int:
     """The number of epochs that fit in ``budget`` seconds, ``elapsed`` of them spent after ``steps_done`` steps.
 
     An epoch costs its steps at ``seconds_per_step`` plus, every ``eval_every`` epochs, an evaluation
     of ``eval_images`` at ``EVAL_COST`` of a training step per image; ``FIT_MARGIN`` of the budget
-    stays unplanned. The result lies in [least, most].
+    stays unplanned. ``steps_before``: steps an earlier process of the run already took (the budget
+    is this process's). The result lies in [least, most].
     """
     epoch = steps_per_epoch * seconds_per_step
     evaluation = eval_images / batch_size * seconds_per_step * EVAL_COST
     available = budget * (1 - FIT_MARGIN) - elapsed + steps_done * seconds_per_step
-    epochs = int(available // (epoch + evaluation / eval_every))
+    epochs = int(available / (epoch + evaluation / eval_every) + steps_before / steps_per_epoch)
     return max(least, min(most, epochs))
 
 
@@ -573,8 +575,8 @@ class Trainer:
         train_seconds, trained_images = 0.0, 0
         start_epoch, start_step = state.epoch, state.step_in_epoch
 
-        if c.fit_epochs and state.fitted_epochs is None and state.global_step < FIT_STEPS[0]:
-            self.on_step.append(self._fit_hook(budget))
+        if c.fit_epochs and state.fitted_epochs is None:  # also a resumed run stopped before its fit
+            self.on_step.append(self._fit_hook(budget, state.global_step))
         with StopRequest(grace=2.0 if dist.distributed else 0.0) as stop:
             if start_epoch < c.epochs:
                 self._announce(start_epoch, start_step)
@@ -628,12 +630,14 @@ class Trainer:
             images_per_second=ips, history=state.history,
         )
 
-    def _fit_hook(self, budget: float) -> Callable[[int], None]:
-        """The step callback of --fit-epochs: times steps FIT_STEPS, then sets ``config.epochs``."""
+    def _fit_hook(self, budget: float, base: int) -> Callable[[int], None]:
+        """The step callback of --fit-epochs: times steps FIT_STEPS of this process (which began after
+        global step ``base``), then sets ``config.epochs``."""
         c, dist, started = self.config, self.dist, {}
 
-        def fit(step: int) -> None:
+        def fit(global_step: int) -> None:
             first, last = FIT_STEPS
+            step = global_step - base
             if step == first:
                 started["time"] = time.monotonic()
             if step != last or "time" not in started:
@@ -645,7 +649,8 @@ class Trainer:
             # never fewer epochs than the warm-up needs or than this run is already in (a tiny epoch)
             least = max(math.floor(warmup_epochs(c)) + 1, self.state.epoch + 1)
             epochs = fitting_epochs(budget, elapsed, per_step, last, self.steps_per_epoch, eval_images,
-                                    c.batch_size, c.eval_every, most=max(c.epochs, least), least=least)
+                                    c.batch_size, c.eval_every, most=max(c.epochs, least), least=least,
+                                    steps_before=base)
             self._say(f"--fit-epochs: {per_step:.3f} s per step over steps {first + 1}-{last}, so {epochs} of at "
                       f"most {c.epochs} epochs fit in the {budget / 60:g}-minute budget")
             c.epochs = self.state.fitted_epochs = epochs
