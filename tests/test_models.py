@@ -133,6 +133,8 @@ def test_bad_arguments_are_config_errors():
         DenseNet(compression=1.5)
     with pytest.raises(ConfigError, match="stem"):
         DenseNet(stem="resnet")
+    with pytest.raises(ConfigError, match="stem_pool"):
+        DenseNet(stem="imagenet", stem_pool=True)
     with pytest.raises(ConfigError, match="block_config"):
         DenseNet(block_config=())
 
@@ -179,6 +181,9 @@ def test_imagenet_stem_and_mini_stem_shapes():
     assert shapes["conv0"] == (24, 16, 16)
     assert shapes["denseblock1"] == (96, 16, 16) and shapes["transition1"] == (48, 8, 8)
     assert shapes["denseblock3"] == (192, 4, 4)
+    shapes = stage_shapes(create_model("densenet-cpu-s"), 32)
+    assert shapes["conv0"] == (54, 32, 32) and shapes["pool0"] == (54, 16, 16)
+    assert shapes["denseblock1"] == (182, 16, 16) and shapes["denseblock3"] == (269, 4, 4)
 
 
 def test_layer_composition_and_channel_growth():

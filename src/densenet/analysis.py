@@ -124,7 +124,8 @@ def _describe_config(config: dict[str, Any]) -> str:
     if config.get("arch") != "densenet":
         return ", ".join(f"{k}={v}" for k, v in config.items() if k not in ("arch", "name"))
     bottleneck = f"bottleneck {config['bn_size']}k" if config["bn_size"] else "basic layers"
-    stem = config["stem"] + (f" stride {config['stem_stride']}" if config["stem_stride"] != 1 else "")
+    stem = config["stem"] + (f" stride {config['stem_stride']}" if config["stem_stride"] != 1 else "") + (
+        " + 2x2 max-pool" if config.get("stem_pool") else "")
     return (f"k={config['growth_rate']}, blocks {'-'.join(map(str, config['block_config']))}, "
             f"{config['num_init_features']} stem channels, {bottleneck}, compression {config['compression']:g}, "
             f"{stem} stem, {config['num_classes']} classes")

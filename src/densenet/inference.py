@@ -128,7 +128,9 @@ class InferenceDenseNet(nn.Module):
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.channels_last = bool(channels_last)
         self.config = dict(model.config)
-        self.stem_stride = 4 if model.config["stem"] == "imagenet" else int(model.config["stem_stride"])
+        self.stem_pool = bool(model.config.get("stem_pool", False))
+        self.stem_stride = 4 if model.config["stem"] == "imagenet" else (
+            int(model.config["stem_stride"]) * (2 if self.stem_pool else 1))
         f = model.features
         if hasattr(f, "norm0"):  # ImageNet stem: conv0 -> norm0 folds into conv0
             scale, shift = _scale_shift(f.norm0)
@@ -166,6 +168,8 @@ class InferenceDenseNet(nn.Module):
         x = F.conv2d(x, self.stem_weight, self.stem_bias, **self.stem_conv)
         if self.stem_bias is not None:
             x = F.max_pool2d(x.relu_(), kernel_size=3, stride=2, padding=1)
+        elif self.stem_pool:
+            x = F.max_pool2d(x, kernel_size=2, stride=2)
         for stage in self.stages:
             x = stage(x)
         x = _bn_relu(x, self.scale5, self.shift5)

@@ -203,6 +203,8 @@ class DenseNet(nn.Module):
         stem: ``"imagenet"`` (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or ``"cifar"`` (one 3x3
             conv with stride ``stem_stride``, nothing else).
         stem_stride: stride of the CIFAR stem convolution (1 as in the paper).
+        stem_pool: a 2x2/2 max-pool after the CIFAR stem convolution (``pool0``): the convolution
+            sees every pixel position at full resolution and the blocks start at half of it.
         memory_efficient: keep only each layer's convolution outputs for backward and recompute
             its concatenation and BN/ReLU maps there (see :meth:`set_memory_efficient`).
 
@@ -220,13 +222,14 @@ class DenseNet(nn.Module):
         num_classes: int = 1000,
         stem: str = "imagenet",
         stem_stride: int = 1,
+        stem_pool: bool = False,
         memory_efficient: bool = False,
     ) -> None:
         super().__init__()
         bn_size = int(bn_size or 0)
         block_config = [int(n) for n in block_config]
         _check_config(growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
-                      num_classes, stem, stem_stride)
+                      num_classes, stem, stem_stride, stem_pool)
 
         if stem == "imagenet":
             layers = [
@@ -238,6 +241,8 @@ class DenseNet(nn.Module):
         else:
             layers = [("conv0", nn.Conv2d(3, num_init_features, kernel_size=3, stride=stem_stride,
                                           padding=1, bias=False))]
+            if stem_pool:
+                layers.append(("pool0", nn.MaxPool2d(kernel_size=2, stride=2)))
         self.features = nn.Sequential(OrderedDict(layers))
 
         channels = num_init_features
@@ -265,6 +270,7 @@ class DenseNet(nn.Module):
             "num_classes": int(num_classes),
             "stem": stem,
             "stem_stride": int(stem_stride),
+            "stem_pool": bool(stem_pool),
             "memory_efficient": bool(memory_efficient),
         }
         self._init_weights()
@@ -350,7 +356,7 @@ def whiten_stem(model: nn.Module, images: Tensor, eps: float = 5e-4) -> None:
 
 
 def _check_config(growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
-                  num_classes, stem, stem_stride) -> None:
+                  num_classes, stem, stem_stride, stem_pool=False) -> None:
     problems = []
     if int(growth_rate) < 1:
         problems.append(f"growth_rate must be at least 1, got {growth_rate}")
@@ -370,6 +376,8 @@ def _check_config(growth_rate, block_config, num_init_features, bn_size, compres
         problems.append(f"stem must be one of {', '.join(STEMS)}, got {stem!r}")
     if int(stem_stride) < 1 or (stem == "imagenet" and int(stem_stride) != 1):
         problems.append(f"stem_stride must be 1 or more (and 1 for the imagenet stem), got {stem_stride}")
+    if stem_pool and stem != "cifar":
+        problems.append("stem_pool adds a max-pool to the cifar stem only (the imagenet stem has its own)")
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -405,19 +413,20 @@ def densenet_cpu(name: str, growth_rate: int, block_config: tuple[int, ...]):
     """A DenseNet shaped for training on a CPU in minutes (see docs/TRAINING.md for how it was chosen).
 
     Basic dense layers (BN-ReLU-Conv3x3, no bottleneck: few wide convolutions run far faster per
-    FLOP on a CPU than many narrow ones), a large growth rate, compression 0.5, and a 3x3 stride-2
-    stem of 54 = 2 x 27 channels: exactly the size of a patch-whitening filter bank of 3x3 colour
-    patches (``densenet train --whiten``), so the blocks work at 16, 8 and 4 pixels.
+    FLOP on a CPU than many narrow ones), a large growth rate, compression 0.5, and a 3x3 stem of
+    54 = 2 x 27 channels (exactly the size of a patch-whitening filter bank of 3x3 colour patches,
+    ``densenet train --whiten``) at full resolution followed by a 2x2 max-pool, so the blocks work
+    at 16, 8 and 4 pixels.
     """
 
     def build(num_classes: int = 10, **overrides: Any) -> DenseNet:
         kwargs = dict(growth_rate=growth_rate, block_config=block_config, num_init_features=54, bn_size=0,
-                      compression=0.5, stem="cifar", stem_stride=2)
+                      compression=0.5, stem="cifar", stem_stride=1, stem_pool=True)
         return _named(DenseNet(**{**kwargs, "num_classes": num_classes, **overrides}), name)
 
     build.__name__ = name.replace("-", "_")
     build.__doc__ = (f"{name}: basic DenseNet, k={growth_rate}, blocks {'-'.join(map(str, block_config))}, "
-                     "54-channel 3x3/2 stem for whitening.")
+                     "54-channel 3x3 stem for whitening and a 2x2 max-pool.")
     return build
 
 
