@@ -11,6 +11,10 @@ Two parts, each run on a quiet machine (nothing else of yours beside it):
     .venv/bin/python benchmarks/cpu_levers.py accuracy --data-dir ../shared/data/cifar10-jpeg \\
         --set '{"model": "densenet-cpu-s", "whiten": true}' --subset 25000 --epochs 2
 
+    # densenet-cpu-s's stem: 3x3/1 whitening + 2x2 max-pool vs 3x3/2 whitening (frozen, as --whiten
+    # leaves it), timed in alternating rounds of the same process
+    .venv/bin/python benchmarks/cpu_levers.py stem --batch 128
+
     # multi-view test-time augmentation of trained weights: the mirror and 1- or 2-pixel shifts
     # (reflection padding) of every test image, alone and averaged in the usual combinations
     .venv/bin/python benchmarks/cpu_levers.py tta --weights densenet-cpu-s-90m --data-dir ../shared/data/cifar10-jpeg
@@ -60,6 +64,38 @@ def step_speed(model_name: str, batch: int, amp: str, channels_last: bool, compi
     return {"model": model_name, "batch": batch, "amp": amp, "channels_last": channels_last,
             "compile": compile_, "images_per_second": round(batch / seconds, 1),
             "warmup_seconds": round(first, 1), "threads": torch.get_num_threads()}
+
+
+def stem_speed(batch: int, rounds: int = 4, steps: int = 10) -> list[dict]:
+    """Seconds per training step of densenet-cpu-s with its pooled stem and with a strided one."""
+    variants = {"3x3/1 + 2x2 max-pool": {}, "3x3/2": {"stem_stride": 2, "stem_pool": False}}
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    steppers, times = {}, {name: [] for name in variants}
+    for name, kwargs in variants.items():
+        torch.manual_seed(0)
+        model = create_model("densenet-cpu-s", **kwargs).to(memory_format=torch.channels_last)
+        model.features.conv0.weight.requires_grad_(False)  # whitened stems are frozen
+        opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.1, momentum=0.9)
+
+        def step(model=model, opt=opt):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for _ in range(3):
+            step()
+        steppers[name] = step
+    for _ in range(rounds):
+        for name, step in steppers.items():
+            t = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times[name].append((time.perf_counter() - t) / steps)
+    return [{"stem": name, "batch": batch, "seconds_per_step": [round(v, 3) for v in times[name]],
+             "images_per_second": round(batch / min(times[name]), 1), "threads": torch.get_num_threads()}
+            for name in variants]
 
 
 def shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -115,6 +151,9 @@ def main() -> None:
     s.add_argument("--batch", type=int, default=128)
     s.add_argument("--compile", action="store_true", help="also time torch.compile (slow to warm up)")
     s.add_argument("--threads", type=int, default=None)
+    st = sub.add_parser("stem")
+    st.add_argument("--batch", type=int, default=128)
+    st.add_argument("--threads", type=int, default=None)
     a = sub.add_parser("accuracy")
     a.add_argument("--data-dir", required=True)
     a.add_argument("--set", default="{}", help="JSON of training settings over the quick recipe")
@@ -136,6 +175,11 @@ def main() -> None:
             for amp, cl, comp in [("none", True, False), ("none", False, False), ("bf16", True, False)] + (
                     [("none", True, True)] if args.compile else []):
                 print(json.dumps(step_speed(name, args.batch, amp, cl, comp)), flush=True)
+        return
+
+    if args.part == "stem":
+        for row in stem_speed(args.batch):
+            print(json.dumps(row), flush=True)
         return
 
     if args.part == "tta":

@@ -24,16 +24,18 @@ from densenet.pretrained import pretrained_card, pretrained_names  # noqa: E402
 
 
 def curve(run: str) -> tuple[str, float, list[float], list[float]]:
-    """(recipe, mean training images/s, seconds at the end of each epoch's evaluation, test accuracy
-    of each epoch)."""
+    """(recipe, with " (flip TTA)" when its evaluations used it; mean training images/s; seconds at
+    the end of each epoch's evaluation; test accuracy of each epoch)."""
     if not Path(run).is_dir() and run in pretrained_names():
         card = pretrained_card(run)
-        return (card["recipe"], card["images_per_second"], card["elapsed_seconds_per_epoch"],
+        tta = " (flip TTA)" if card.get("tta_in_training") else ""
+        return (card["recipe"] + tta, card["images_per_second"], card["elapsed_seconds_per_epoch"],
                 card["test_acc_per_epoch"])
     rows = [r for r in csv.DictReader((Path(run) / "metrics.csv").open()) if r.get("test_acc")]
     config = json.loads((Path(run) / "config.json").read_text())["config"]
     speed = sum(float(r["images_per_second"]) for r in rows) / max(len(rows), 1)
-    return (config.get("recipe") or Path(run).name, speed, [float(r["elapsed_seconds"]) for r in rows],
+    tta = " (flip TTA)" if config.get("tta") else ""
+    return ((config.get("recipe") or Path(run).name) + tta, speed, [float(r["elapsed_seconds"]) for r in rows],
             [float(r["test_acc"]) for r in rows])
 
 

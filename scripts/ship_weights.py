@@ -109,7 +109,7 @@ A DenseNet trained on the CPU by this project, shipped inside the package. Load 
 | torch | {card['torch']} |
 | weights | float16 safetensors, SHA-256 `{sha256}` |
 
-Test accuracy after each epoch (%): {per_epoch}.
+Test accuracy after each epoch (%{', with flip TTA as the run evaluated' if card.get('tta_in_training') else ''}): {per_epoch}.
 """
 
 

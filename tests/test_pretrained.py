@@ -3,8 +3,10 @@ scoring exactly their card's accuracy on the real test set."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shlex
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,8 @@ from densenet.cli import main
 from densenet.errors import WeightsError
 from densenet.models import whiten_stem
 from densenet.pretrained import PRETRAINED_DIR, pretrained_card, pretrained_names, resolve_weights
-from densenet.registry import create_model
+from densenet.registry import create_model, model_from_config
+from densenet.train import add_arguments, config_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = pretrained_names()
@@ -36,6 +39,22 @@ def test_models_are_shipped_with_complete_cards():
         # fp16 on disk, a few MB at most
         assert (PRETRAINED_DIR / name / "model.safetensors").stat().st_size < 8_000_000
         assert (PRETRAINED_DIR / name / "README.md").read_text().count(meta["sha256"]) == 1
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_card_command_trains_the_shipped_architecture(name):
+    """The card's command, given to today's `densenet train`, sets up the model that ships (same
+    architecture), with its recipe and its epoch count (or fits it, as the run did)."""
+    card = pretrained_card(name)
+    flags = shlex.split(card["command"].split(" (")[0])
+    assert flags[:2] == ["densenet", "train"]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args(flags[2:]))
+    shipped = json.loads((PRETRAINED_DIR / name / "model.json").read_text())["config"]
+    assert create_model(config.model, **config.model_kwargs).config == model_from_config(shipped).config
+    assert config.recipe == card["recipe"]
+    assert config.epochs == card["epochs"] or (config.fit_epochs and config.epochs >= card["epochs"])
 
 
 def test_a_path_on_disk_wins_over_a_shipped_name(tmp_path, monkeypatch):

@@ -413,20 +413,20 @@ def densenet_cpu(name: str, growth_rate: int, block_config: tuple[int, ...]):
     """A DenseNet shaped for training on a CPU in minutes (see docs/TRAINING.md for how it was chosen).
 
     Basic dense layers (BN-ReLU-Conv3x3, no bottleneck: few wide convolutions run far faster per
-    FLOP on a CPU than many narrow ones), a large growth rate, compression 0.5, and a 3x3 stem of
-    54 = 2 x 27 channels (exactly the size of a patch-whitening filter bank of 3x3 colour patches,
-    ``densenet train --whiten``) at full resolution followed by a 2x2 max-pool, so the blocks work
-    at 16, 8 and 4 pixels.
+    FLOP on a CPU than many narrow ones), a large growth rate, compression 0.5, and a 3x3 stride-2
+    stem of 54 = 2 x 27 channels: exactly the size of a patch-whitening filter bank of 3x3 colour
+    patches (``densenet train --whiten``), so the blocks work at 16, 8 and 4 pixels. (A stride-1
+    stem with a 2x2 max-pool, ``stem_stride=1, stem_pool=True``, trained worse: docs/TRAINING.md.)
     """
 
     def build(num_classes: int = 10, **overrides: Any) -> DenseNet:
         kwargs = dict(growth_rate=growth_rate, block_config=block_config, num_init_features=54, bn_size=0,
-                      compression=0.5, stem="cifar", stem_stride=1, stem_pool=True)
+                      compression=0.5, stem="cifar", stem_stride=2)
         return _named(DenseNet(**{**kwargs, "num_classes": num_classes, **overrides}), name)
 
     build.__name__ = name.replace("-", "_")
     build.__doc__ = (f"{name}: basic DenseNet, k={growth_rate}, blocks {'-'.join(map(str, block_config))}, "
-                     "54-channel 3x3 stem for whitening and a 2x2 max-pool.")
+                     "54-channel 3x3/2 stem for whitening.")
     return build
 
 
