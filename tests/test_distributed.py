@@ -236,7 +236,7 @@ def test_fit_epochs_agrees_across_processes(tiny_data, tmp_path):
                                                                    "30", epochs=8)),
                   environment(tmp_path, None), tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("--fit-epochs:") == 1 and "so 8 of at most 8 epochs fit" in proc.stdout
+    assert proc.stdout.count("--fit-epochs:") == 1 and "so 8.00 of at most 8 epochs fit" in proc.stdout
     checkpoint = load_checkpoint(out / "checkpoint-last.pt")
     assert checkpoint["fitted_epochs"] == 8 and checkpoint["epoch"] == 8 and checkpoint["world_size"] == 2
     assert json.loads((out / "config.json").read_text())["config"]["epochs"] == 8

@@ -414,53 +414,78 @@ def test_time_budget_stops_cleanly_and_resumes(tiny_data, tmp_path):
 
 
 def test_fitting_epochs_arithmetic():
-    # 100 steps of 0.5 s per epoch and a 10,000-image evaluation at a third of a step per batch of 100:
-    # 50 + 16.7 s an epoch; 600 s less the 5% margin, 20 s spent after 10 steps (5 s of them counted back)
-    assert TR.fitting_epochs(600, 20, 0.5, 10, 100, 10_000, 100, 1, most=50) == int((570 - 20 + 5) // (50 + 50 / 3))
-    assert TR.fitting_epochs(600, 20, 0.5, 10, 100, 10_000, 100, 2, most=50) == int(555 // (50 + 25 / 3))
-    assert TR.fitting_epochs(600, 20, 0.5, 10, 100, 10_000, 100, 1, most=4) == 4
-    assert TR.fitting_epochs(60, 20, 0.5, 10, 100, 10_000, 100, 1, most=50, least=2) == 2
-    # a resumed run: 250 steps (2.5 epochs) were taken by an earlier process, this one has the whole budget
-    assert TR.fitting_epochs(600, 20, 0.5, 10, 100, 10_000, 100, 1, most=50, steps_before=250) == int(
-        555 / (50 + 50 / 3) + 2.5)
+    # 100 steps of 0.5 s and a 10 s evaluation: 60 s an epoch; 600 s less the 4% margin, 20 s spent after
+    # 10 steps: 556 s left, 926 more steps
+    assert TR.fitting_epochs(600, 20, 0.5, 10, 100, 10, 1, most=50) == 9.36
+    assert TR.fitting_epochs(600, 20, 0.5, 10, 100, 10, 1, most=50, extra_seconds=6) == 9.26  # 916 more steps
+    assert TR.fitting_epochs(600, 20, 0.5, 10, 100, 10, 2, most=50) == 10.2  # an evaluation every 2 epochs: 1010
+    assert TR.fitting_epochs(600, 20, 0.5, 10, 100, 10, 1, most=4) == 4
+    assert TR.fitting_epochs(60, 20, 0.5, 10, 100, 10, 1, most=50, least=2) == 2
+    assert TR.fitting_epochs(600, 700, 0.5, 250, 100, 10, 1, most=50, least=2.51) == 2.51  # over budget
+    # 250 steps (2.5 epochs) done, by this process or an earlier one: the budget left is this process's
+    assert TR.fitting_epochs(600, 20, 0.5, 250, 100, 10, 1, most=50) == 11.76
 
 
-def test_fit_epochs_sets_the_epochs_once_and_a_resume_keeps_them(tiny_data, tmp_path, monkeypatch, capsys):
+def test_fit_epochs_fits_within_an_epoch_refits_and_a_resume_keeps_them(tiny_data, tmp_path, monkeypatch, capsys):
     calls = []
 
-    def fake_fit(budget, elapsed, per_step, steps_done, steps_per_epoch, eval_images, batch_size, eval_every,
-                 most, least=1, steps_before=0):
-        calls.append(dict(budget=budget, steps_done=steps_done, steps_per_epoch=steps_per_epoch,
-                          eval_images=eval_images, most=most, least=least, steps_before=steps_before))
-        assert per_step > 0 and elapsed > 0
-        return 2
+    def fake_fit(budget, elapsed, per_step, steps_done, steps_per_epoch, eval_seconds, eval_every, most,
+                 least=1.0, extra_seconds=0.0):
+        calls.append(dict(budget=budget, steps_done=steps_done, steps_per_epoch=steps_per_epoch, most=most,
+                          least=least, extra=extra_seconds > 0))
+        assert per_step > 0 and elapsed > 0 and eval_seconds > 0
+        return 1.5 if len(calls) == 1 else 2.5  # 9 steps in all, then 15 after the first epoch
 
     monkeypatch.setattr(TR, "FIT_STEPS", (1, 3))
     monkeypatch.setattr(TR, "fitting_epochs", fake_fit)
-    kw = dict(epochs=5, schedule="onecycle", warmup_epochs=0.5, fit_epochs=True, max_minutes=30, progress="lines")
+    kw = dict(epochs=5, schedule="onecycle", warmup_epochs=0.5, fit_epochs=True, max_minutes=30, progress="lines",
+              final_tta=True)
     whole = TR.train(tiny_config(tiny_data, tmp_path / "whole", **kw))
-    assert calls == [dict(budget=1800, steps_done=3, steps_per_epoch=6, eval_images=24, most=5, least=1,
-                          steps_before=0)]
-    assert whole.stop_reason == "completed" and whole.epochs_completed == 2 and len(whole.history) == 2
+    assert calls == [dict(budget=1800, steps_done=3, steps_per_epoch=6, most=5, least=1, extra=True),
+                     dict(budget=1800, steps_done=6, steps_per_epoch=6, most=5, least=7 / 6, extra=True),
+                     dict(budget=1800, steps_done=12, steps_per_epoch=6, most=5, least=13 / 6, extra=True)]
+    assert whole.stop_reason == "completed" and whole.epochs_completed == 3 and len(whole.history) == 3
+    assert [row["images_per_second"] * row["train_seconds"] for row in whole.history] == pytest.approx([96, 96, 48])
     assert whole.history[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # the one-cycle schedule ends with the run
     out = capsys.readouterr().out
-    assert "at most 5 epochs" in out and "so 2 of at most 5 epochs fit in the 30-minute budget" in out
-    assert json.loads((tmp_path / "whole" / "config.json").read_text())["config"]["epochs"] == 2
+    assert "at most 5 epochs" in out and "so 1.50 of at most 5 epochs fit in the 30-minute budget" in out
+    assert "in epoch 1, so 2.50 epochs in all" in out and out.count("--fit-epochs:") == 2  # unchanged: silent
+    config = json.loads((tmp_path / "whole" / "config.json").read_text())["config"]
+    assert config["epochs"] == 3 and state(tmp_path / "whole" / "checkpoint-last.pt")["fitted_epochs"] == 2.5
     # stopped in epoch 2 and resumed with the same command: the choice holds, nothing is timed again
     monkeypatch.setenv(TR.SIGTERM_AFTER_STEP_ENV, "8")
+    calls.clear()
     assert TR.train(tiny_config(tiny_data, tmp_path / "split", **kw)).stop_reason == "SIGTERM"
     monkeypatch.delenv(TR.SIGTERM_AFTER_STEP_ENV)
+    assert len(calls) == 2
     resumed = TR.train(tiny_config(tiny_data, tmp_path / "split", resume="auto", **kw))
-    assert len(calls) == 2 and resumed.epochs_completed == 2
+    assert len(calls) == 2 and resumed.epochs_completed == 3
     _assert_same(_final_weights(tmp_path / "whole"), _final_weights(tmp_path / "split"))
     # stopped before the fit was made (after step 2 of its window 1-3): the resumed process times its
     # own first steps (global steps 3-5 after its start at step 2) and fits then, counting the 2 done
+    calls.clear()
     monkeypatch.setenv(TR.SIGTERM_AFTER_STEP_ENV, "2")
     assert TR.train(tiny_config(tiny_data, tmp_path / "early", **kw)).stop_reason == "SIGTERM"
     monkeypatch.delenv(TR.SIGTERM_AFTER_STEP_ENV)
-    assert len(calls) == 2  # the window was not complete: no fit yet
+    assert not calls  # the window was not complete: no fit yet
     early = TR.train(tiny_config(tiny_data, tmp_path / "early", resume="auto", **kw))
-    assert len(calls) == 3 and calls[-1]["steps_before"] == 2 and early.epochs_completed == 2
+    assert calls[0]["steps_done"] == 5 and early.epochs_completed == 3
+
+
+def test_final_tta_evaluates_the_mirror_only_at_the_end(tiny_data, tmp_path, monkeypatch):
+    seen = []
+    real = TR.evaluate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["tta"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(TR, "evaluate", spy)
+    TR.train(tiny_config(tiny_data, tmp_path / "run", epochs=3, final_tta=True))
+    assert seen == [False, False, True]
+    seen.clear()
+    TR.train(tiny_config(tiny_data, tmp_path / "every", epochs=2, tta=True, final_tta=True))
+    assert seen == [True, True]
 
 
 def test_resume_auto_without_checkpoint_starts_afresh_and_checks_settings(tiny_data, tmp_path):

@@ -110,7 +110,9 @@ class TrainConfig:
                                    AUGMENT, augment=True)
     cutout: int = setting(0, "cutout square side in pixels (0: off)", AUGMENT, augment=True)
     color_jitter: float = setting(0.0, "brightness/contrast/saturation strength (0: off)", AUGMENT, augment=True)
-    tta: bool = setting(False, "flip test-time augmentation in evaluation", AUGMENT)
+    tta: bool = setting(False, "flip test-time augmentation in every evaluation", AUGMENT)
+    final_tta: bool = setting(False, "flip test-time augmentation in the final evaluation only (the per-epoch "
+                              "ones without)", AUGMENT)
     eval_every: int = setting(1, "evaluate every N epochs (and after the last)", AUGMENT, metavar="N")
     eval_batch_size: int | None = setting(None, "default: max(batch size, 500)", AUGMENT)
 
@@ -146,7 +148,7 @@ class TrainConfig:
 # the CPU recipes' shared settings: densenet-cpu-s with a whitened stem (docs/TRAINING.md: how chosen)
 _CPU_S = dict(model="densenet-cpu-s", whiten=True, batch_size=128, lr=0.2, momentum=0.9, nesterov=True,
               weight_decay=5e-4, schedule="onecycle", label_smoothing=0.1, crop_padding=4, flip=True,
-              alternate_flip=True, bn_lr_scale=16.0, channels_last=True, tta=True)
+              alternate_flip=True, bn_lr_scale=16.0, channels_last=True, final_tta=True)
 
 
 def _cpu_recipe(minutes: int, most_epochs: int, warmup: float, description: str) -> dict:
@@ -330,15 +332,16 @@ def validate(config: TrainConfig) -> None:
 # --- learning-rate schedule -------------------------------------------------------------------
 
 
-def lr_factor(step: int, steps_per_epoch: int, config: TrainConfig) -> float:
+def lr_factor(step: int, steps_per_epoch: int, config: TrainConfig, total_steps: int | None = None) -> float:
     """The learning rate at optimizer step ``step`` (0-based) as a fraction of ``config.lr``.
 
     A linear warm-up over ``warmup_epochs`` (from 1/warmup-steps to 1) precedes every schedule:
     ``constant``; ``step`` (multiplied by ``gamma`` at each milestone epoch); ``cosine`` (half a
     cosine down to 0 at the end); ``onecycle`` (after the warm-up peak, straight down to 0 at the
-    end: a triangular one-cycle schedule).
+    end: a triangular one-cycle schedule). ``total_steps``: where the run ends (default ``config.epochs``
+    whole epochs; --fit-epochs may end a run within an epoch).
     """
-    total = config.epochs * steps_per_epoch
+    total = total_steps or config.epochs * steps_per_epoch
     warm = round(warmup_epochs(config) * steps_per_epoch)
     if step < warm:
         return (step + 1) / warm

@@ -149,7 +149,7 @@ class RunState:
     best_acc: float | None = None
     best_epoch: int | None = None
     elapsed_before: float = 0.0  # wall seconds of the earlier processes of this run
-    fitted_epochs: int | None = None  # the epochs --fit-epochs chose
+    fitted_epochs: float | None = None  # the epochs --fit-epochs chose (the last one may end early)
 
     def checkpoint_fields(self) -> dict:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
@@ -189,28 +189,30 @@ class TrainResult:
 
 
 # --fit-epochs times optimizer steps FIT_STEPS[0]+1 .. FIT_STEPS[1] of a fresh run (the first ones
-# warm up the allocator and caches), leaves this fraction of the budget unplanned for the speed to
-# vary, and takes an evaluation to cost this fraction of a training step per image
+# warm up the allocator and caches) and fits the epochs to the budget; after each epoch it fits them
+# again from that epoch's measured step and evaluation times. It leaves this fraction of the budget
+# unplanned (for the speed to vary within an epoch, the final evaluation and the weights' writing),
+# and takes an evaluation it has not timed yet to cost this fraction of a training step per image
 FIT_STEPS = (5, 35)
-FIT_MARGIN = 0.05
+FIT_MARGIN = 0.04
 EVAL_COST = 1 / 3
 
 
 def fitting_epochs(budget: float, elapsed: float, seconds_per_step: float, steps_done: int, steps_per_epoch: int,
-                   eval_images: int, batch_size: int, eval_every: int, most: int, least: int = 1,
-                   steps_before: int = 0) -> int:
-    """The number of epochs that fit in ``budget`` seconds, ``elapsed`` of them spent after ``steps_done`` steps.
+                   eval_seconds: float, eval_every: int, most: float, least: float = 1.0,
+                   extra_seconds: float = 0.0) -> float:
+    """The epochs in all (a whole number of steps, in [least, most]) that fit in ``budget`` seconds.
 
-    An epoch costs its steps at ``seconds_per_step`` plus, every ``eval_every`` epochs, an evaluation
-    of ``eval_images`` at ``EVAL_COST`` of a training step per image; ``FIT_MARGIN`` of the budget
-    stays unplanned. ``steps_before``: steps an earlier process of the run already took (the budget
-    is this process's). The result lies in [least, most].
+    ``elapsed`` of the budget is spent and ``steps_done`` steps are done (this run's, earlier
+    processes' included: the budget is this process's). Each further epoch costs its steps at
+    ``seconds_per_step`` plus, every ``eval_every`` epochs, an evaluation of ``eval_seconds``;
+    ``extra_seconds`` are spent once more at the end (a final evaluation with TTA); ``FIT_MARGIN`` of
+    the budget stays unplanned. The last epoch may end within the epoch.
     """
-    epoch = steps_per_epoch * seconds_per_step
-    evaluation = eval_images / batch_size * seconds_per_step * EVAL_COST
-    available = budget * (1 - FIT_MARGIN) - elapsed + steps_done * seconds_per_step
-    epochs = int(available / (epoch + evaluation / eval_every) + steps_before / steps_per_epoch)
-    return max(least, min(most, epochs))
+    per_epoch = steps_per_epoch * seconds_per_step + eval_seconds / eval_every
+    available = max(0.0, budget * (1 - FIT_MARGIN) - elapsed - extra_seconds)
+    steps = steps_done + math.floor(available / per_epoch * steps_per_epoch)
+    return max(least, min(most, steps / steps_per_epoch))
 
 
 def step_hooks() -> list[Callable[[int], None]]:
@@ -416,7 +418,8 @@ class Trainer:
             weight_decay=c.weight_decay,
         )
         spe = self.steps_per_epoch
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, spe, c))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda s: lr_factor(s, spe, c, self.total_steps()))
         self.scaler = torch.amp.GradScaler(device.type) if c.amp == "fp16" else None
         self.ema = None
         if c.ema:
@@ -459,7 +462,7 @@ class Trainer:
                 self.ema.load_state_dict(checkpoint["ema"])
             self.state = RunState.from_checkpoint(checkpoint)
             if self.config.fit_epochs and self.state.fitted_epochs:
-                self.config.epochs = int(self.state.fitted_epochs)
+                self.config.epochs = math.ceil(self.state.fitted_epochs)
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise TrainingError(f"cannot resume from {self.checkpoint_source}: {exc}") from None
         world, dist = int(checkpoint.get("world_size", 1)), self.dist
@@ -482,7 +485,7 @@ class Trainer:
         c = self.config
         self.state.global_step = self.state.epoch * self.steps_per_epoch
         self.scheduler.last_epoch = self.state.global_step
-        factor = lr_factor(self.state.global_step, self.steps_per_epoch, c)
+        factor = lr_factor(self.state.global_step, self.steps_per_epoch, c, self.total_steps())
         lrs = [base * factor for base in self.scheduler.base_lrs]
         for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"] = lr
@@ -499,7 +502,8 @@ class Trainer:
             training={
                 "recipe": c.recipe, "dataset": c.dataset, "data": str(train_set.root),
                 "train_images": len(train_set), "val_split": c.val_split, "seed": c.seed,
-                "epochs": c.epochs, "epochs_completed": epochs_done, "finished": finished,
+                "epochs": c.epochs, "fitted_epochs": self.state.fitted_epochs, "epochs_completed": epochs_done,
+                "finished": finished,
                 "stop_reason": stop_reason, "best_acc": self.state.best_acc, "best_epoch": self.state.best_epoch,
                 "final_test_acc": final_acc, "ema": c.ema, "date": datetime.now(timezone.utc).isoformat(),
                 "world_size": self.dist.world_size,
@@ -575,8 +579,10 @@ class Trainer:
         train_seconds, trained_images = 0.0, 0
         start_epoch, start_step = state.epoch, state.step_in_epoch
 
+        refit = None
         if c.fit_epochs and state.fitted_epochs is None:  # also a resumed run stopped before its fit
             self.on_step.append(self._fit_hook(budget, state.global_step))
+            refit = c.epochs  # this process fits, and fits again after each epoch, up to this many
         with StopRequest(grace=2.0 if dist.distributed else 0.0) as stop:
             if start_epoch < c.epochs:
                 self._announce(start_epoch, start_step)
@@ -584,6 +590,7 @@ class Trainer:
                 resumed = state.epoch == start_epoch and start_step
                 # a resumed epoch's sums so far are all processes' together: rank 0 carries them
                 sums = state.partial if resumed and dist.is_main else None
+                epoch_started = time.monotonic()
                 outcome = self._train_epoch(state.epoch, start_step if resumed else 0, sums, stop, budget)
                 train_seconds += outcome.seconds_this_run
                 trained_images += outcome.images_this_run
@@ -596,6 +603,8 @@ class Trainer:
                               f"{self.steps_per_epoch}; saved {self.run_dir.last}")
                     break
                 self._end_epoch(outcome)
+                if refit is not None and state.fitted_epochs is not None and state.epoch < c.epochs:
+                    self._refit(budget, outcome, time.monotonic() - epoch_started, most=refit)
                 reason = stop.name if stop.signum is not None else ""
                 over_budget = budget is not None and time.monotonic() - self.t0 > budget
                 if not reason and over_budget and state.epoch < c.epochs:
@@ -644,20 +653,57 @@ class Trainer:
                 return
             (per_step,) = dist.max([(time.monotonic() - started["time"]) / (last - first)])
             (elapsed,) = dist.max([time.monotonic() - self.t0])
-            views = 2 if c.tta else 1
-            eval_images = views * sum(len(ds) for ds in self.data.values() if ds is not self.data["train"])
+            # an evaluation, not yet timed, at EVAL_COST of a training step per image
+            images = sum(len(ds) for ds in self.data.values() if ds is not self.data["train"])
+            evaluation = images / c.batch_size * per_step * EVAL_COST
+            views, extra = self._eval_views()
             # never fewer epochs than the warm-up needs or than this run is already in (a tiny epoch)
             least = max(math.floor(warmup_epochs(c)) + 1, self.state.epoch + 1)
-            epochs = fitting_epochs(budget, elapsed, per_step, last, self.steps_per_epoch, eval_images,
-                                    c.batch_size, c.eval_every, most=max(c.epochs, least), least=least,
-                                    steps_before=base)
-            self._say(f"--fit-epochs: {per_step:.3f} s per step over steps {first + 1}-{last}, so {epochs} of at "
-                      f"most {c.epochs} epochs fit in the {budget / 60:g}-minute budget")
-            c.epochs = self.state.fitted_epochs = epochs
-            if dist.is_main:
-                self._write_config()
+            epochs = fitting_epochs(budget, elapsed, per_step, global_step, self.steps_per_epoch, views * evaluation,
+                                    c.eval_every, most=max(c.epochs, least), least=least, extra_seconds=extra * evaluation)
+            self._say(f"--fit-epochs: {per_step:.3f} s per step over steps {first + 1}-{last}, so {epochs:.2f} of "
+                      f"at most {c.epochs} epochs fit in the {budget / 60:g}-minute budget")
+            self._set_fitted(epochs)
 
         return fit
+
+    def _refit(self, budget: float, outcome: EpochOutcome, wall: float, most: int) -> None:
+        """--fit-epochs after an epoch of ``wall`` seconds: fit the epochs again from its measured times
+        (its steps; its evaluation, checkpoint and plot)."""
+        c, dist, row = self.config, self.dist, self.state.history[-1]
+        steps = round(outcome.images_this_run / c.batch_size)
+        if not steps:
+            return
+        (per_step,) = dist.max([outcome.seconds_this_run / steps])
+        (elapsed,) = dist.max([time.monotonic() - self.t0])
+        (overhead,) = dist.max([wall - outcome.seconds_this_run])  # evaluated or not: every eval_every epochs
+        views, extra = self._eval_views()
+        one_view = row["eval_seconds"] / views if row.get("test_acc") is not None else 0.0
+        least = (self.state.global_step + 1) / self.steps_per_epoch
+        epochs = fitting_epochs(budget, elapsed, per_step, self.state.global_step, self.steps_per_epoch, overhead,
+                                1, most=max(most, least), least=least, extra_seconds=extra * one_view)
+        if epochs != self.state.fitted_epochs:
+            self._say(f"--fit-epochs: {per_step:.3f} s per step and {overhead:.1f} s besides in epoch "
+                      f"{self.state.epoch}, so {epochs:.2f} epochs in all")
+            self._set_fitted(epochs)
+
+    def _eval_views(self) -> tuple[int, int]:
+        """The views of each evaluation (2 with --tta) and the extra ones of the final (1 with --final-tta)."""
+        c = self.config
+        return (2, 0) if c.tta else (1, 1 if c.final_tta else 0)
+
+    def _set_fitted(self, epochs: float) -> None:
+        self.config.epochs = math.ceil(epochs)
+        self.state.fitted_epochs = epochs
+        if self.dist.is_main:
+            self._write_config()
+
+    def total_steps(self) -> int:
+        """The optimizer steps of the whole run: --epochs whole epochs, or as --fit-epochs chose."""
+        fitted = self.state.fitted_epochs
+        if fitted:
+            return round(fitted * self.steps_per_epoch)
+        return self.config.epochs * self.steps_per_epoch
 
     def _announce(self, epoch: int, step: int) -> None:
         c, dist = self.config, self.dist
@@ -678,7 +724,8 @@ class Trainer:
 
     def _train_epoch(self, epoch: int, start_step: int, sums: EpochSums | None, stop: StopRequest,
                      budget: float | None) -> EpochOutcome:
-        """Steps ``start_step`` onwards of ``epoch``, until its end, a signal or the time budget."""
+        """Steps ``start_step`` onwards of ``epoch``, until its end (or the run's, when --fit-epochs ends it
+        within the epoch), a signal or the time budget."""
         c, device, dist = self.config, self.device, self.dist
         batches = epoch_batches(len(self.train_labels), c.batch_size, epoch=epoch, seed=c.seed, rank=dist.rank,
                                 world_size=dist.world_size)
@@ -688,13 +735,14 @@ class Trainer:
         seen = sums.seen
         check_every = 1 if device.type == "cpu" else 25  # a loss check syncs with the GPU
         self.train_model.train()
-        bar = self._progress_bar(epoch, len(batches), start_step)
+        end = max(1, min(len(batches), self.total_steps() - epoch * self.steps_per_epoch))
+        bar = self._progress_bar(epoch, end, start_step)
         t_start = time.monotonic()
         images_this_run, stopped, done = 0, "", start_step
         try:
-            for step in range(start_step, len(batches)):
+            for step in range(start_step, end):
                 x, y = self._batch(epoch, step, batches[step])
-                check = (step + 1) % check_every == 0 or step + 1 == len(batches)
+                check = (step + 1) % check_every == 0 or step + 1 == end
                 loss, logits = self._step(x, y, check_at=(epoch, step) if check else None)
                 for hook in self.on_step:
                     hook(self.state.global_step)
@@ -704,9 +752,9 @@ class Trainer:
                 images_this_run += len(y)
                 done = step + 1
                 if bar is not None:
-                    self._update_bar(bar, done, len(batches), loss_sum, correct, seen, images_this_run, t_start)
+                    self._update_bar(bar, done, end, loss_sum, correct, seen, images_this_run, t_start)
                 # under torchrun the processes agree (every check_every steps) so they stop together
-                if done < len(batches) and (dist.world_size == 1 or done % check_every == 0):
+                if done < end and (dist.world_size == 1 or done % check_every == 0):
                     reason = stop.name if stop.signum is not None else ""
                     if not reason and budget is not None and time.monotonic() - self.t0 > budget:
                         reason = "time budget"
@@ -790,7 +838,7 @@ class Trainer:
         for split in ("val", "test"):
             row[f"{split}_loss"] = row[f"{split}_acc"] = None
             if evaluate_now and split in self.eval_sets:
-                result = self._evaluate(split)
+                result = self._evaluate(split, final=epoch + 1 == c.epochs)
                 row[f"{split}_loss"], row[f"{split}_acc"] = result["loss"], result["top1"]
         row["eval_seconds"] = time.monotonic() - t_eval
         row["peak_memory_mb"] = peak_memory_mb(self.device)
@@ -817,27 +865,29 @@ class Trainer:
     def _eval_model(self):
         return self.ema.module if self.ema is not None else self.model
 
-    def _evaluate(self, split: str) -> dict:
-        """Evaluate on ``split``; under torchrun each process its share, the counts added up."""
+    def _evaluate(self, split: str, final: bool = False) -> dict:
+        """Evaluate on ``split`` (``final``: the run's last evaluation); under torchrun each process
+        its share, the counts added up."""
         c, model, share = self.config, self._eval_model(), self.eval_sets[split]
+        tta = c.tta or (c.final_tta and final)
         self.dist.broadcast_buffers(model)  # everyone evaluates rank 0's BatchNorm statistics
         result = None
         if len(share):
             result = evaluate(
                 model, share, batch_size=c.eval_batch_size or max(c.batch_size, 500),
-                tta=c.tta, device=self.device, mean=self.augmenter.mean, std=self.augmenter.std, amp=c.amp,
+                tta=tta, device=self.device, mean=self.augmenter.mean, std=self.augmenter.std, amp=c.amp,
                 channels_last=c.channels_last,
             )
         if not self.dist.distributed:
             return result
-        return distributed.reduce_evaluation(self.dist, result, list(share.classes), tta=c.tta)
+        return distributed.reduce_evaluation(self.dist, result, list(share.classes), tta=tta)
 
     def _finish(self, stop_reason: str, mid_epoch: bool) -> float:
         """Write the final weights (run directory and weights directory); return their test accuracy."""
         c, state = self.config, self.state
         last = state.history[-1] if state.history else None
         if mid_epoch or last is None or last.get("test_acc") is None:
-            final_acc = self._evaluate("test")["top1"]
+            final_acc = self._evaluate("test", final=True)["top1"]
         else:
             final_acc = last["test_acc"]
         if not self.dist.is_main:
