@@ -129,9 +129,11 @@ class TrainConfig:
     resume: str | None = setting(None, "continue from a checkpoint or run directory; auto: from --out-dir (or the "
                                  "newest unfinished runs/<model>-*) if there is a checkpoint, else start afresh",
                                  RUN, metavar="PATH|auto")
-    max_minutes: float | None = setting(None, "stop cleanly after this much wall time in this process", RUN)
+    max_minutes: float | None = setting(None, "stop cleanly after this much wall time in this process (from the "
+                                        "loading of the data on)", RUN)
     fit_epochs: bool = setting(False, "with --max-minutes: time the first optimizer steps and lower --epochs to "
-                               "what fits in the budget, evaluations included (the schedule follows; a resumed "
+                               "what fits in the budget, evaluations included, the last epoch possibly cut short; "
+                               "fit again after each epoch from its measured time (the schedule follows; a resumed "
                                "run keeps the choice)", RUN)
     progress: str = setting("auto", "auto: a bar on a terminal, else one line per epoch", RUN, choices=PROGRESS)
     tensorboard: str | None = setting(
@@ -176,7 +178,7 @@ RECIPES: dict[str, dict] = {
     "quick": _cpu_recipe(10, 12, 0.8, "CPU demo, <= 10 minutes: densenet-cpu-s with a whitened stem, as many "
                          "epochs as fit (--fit-epochs, at most 12), batch 128, one-cycle to lr 0.2 (0.8 warm-up "
                          "epochs), Nesterov, wd 5e-4 (BatchNorm: lr x16, wd /16), label smoothing 0.1, crop + "
-                         "alternating flip, flip TTA, channels_last"),
+                         "alternating flip, flip TTA in the final evaluation, channels_last"),
     "cpu-30m": _cpu_recipe(30, 40, 1.8, "CPU, <= 30 minutes: the quick recipe for as many epochs as fit (at most "
                            "40; 1.8 warm-up epochs)"),
     "cpu-90m": _cpu_recipe(90, 120, 3.5, "CPU, <= 90 minutes: the quick recipe for as many epochs as fit (at "

@@ -328,6 +328,7 @@ class Trainer:
 
     def _run(self) -> TrainResult:
         c, dist = self.config, self.dist
+        self.t0 = time.monotonic()  # the budget and the wall time count the loading of the data too
         # rank 0 decides where the run lives and what it resumes from; every process loads that
         decided = self._on_every_rank(lambda: self._decide_paths() if dist.is_main else None)
         checkpoint_path, out_dir = dist.broadcast_object(decided)
@@ -573,7 +574,6 @@ class Trainer:
 
     def _loop(self) -> TrainResult:
         c, dist, state = self.config, self.dist, self.state
-        self.t0 = time.monotonic()
         budget = c.max_minutes * 60 if c.max_minutes else None
         stop_reason, mid_epoch = "completed", False
         train_seconds, trained_images = 0.0, 0
