@@ -424,6 +424,8 @@ def test_fitting_epochs_arithmetic():
     assert TR.fitting_epochs(600, 700, 0.5, 250, 100, 10, 1, most=50, least=2.51) == 2.51  # over budget
     # 250 steps (2.5 epochs) done, by this process or an earlier one: the budget left is this process's
     assert TR.fitting_epochs(600, 20, 0.5, 250, 100, 10, 1, most=50) == 11.76
+    # 9.06 epochs would fit: not a stub of 6 steps at the end, 9 whole epochs
+    assert TR.fitting_epochs(600, 20, 0.5, 10, 100, 10, 1, most=50, extra_seconds=18) == 9.0
 
 
 def test_fit_epochs_fits_within_an_epoch_refits_and_a_resume_keeps_them(tiny_data, tmp_path, monkeypatch, capsys):
@@ -449,7 +451,7 @@ def test_fit_epochs_fits_within_an_epoch_refits_and_a_resume_keeps_them(tiny_dat
     assert whole.history[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # the one-cycle schedule ends with the run
     out = capsys.readouterr().out
     assert "at most 5 epochs" in out and "so 1.50 of at most 5 epochs fit in the 30-minute budget" in out
-    assert "in epoch 1, so 2.50 epochs in all" in out and out.count("--fit-epochs:") == 2  # unchanged: silent
+    assert "after epoch 1, so 2.50 epochs in all" in out and out.count("--fit-epochs:") == 2  # unchanged: silent
     config = json.loads((tmp_path / "whole" / "config.json").read_text())["config"]
     assert config["epochs"] == 3 and state(tmp_path / "whole" / "checkpoint-last.pt")["fitted_epochs"] == 2.5
     # stopped in epoch 2 and resumed with the same command: the choice holds, nothing is timed again

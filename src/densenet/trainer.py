@@ -196,6 +196,7 @@ class TrainResult:
 FIT_STEPS = (5, 35)
 FIT_MARGIN = 0.04
 EVAL_COST = 1 / 3
+SHORTEST_LAST_EPOCH = 0.1  # a fit that would end within the first tenth of an epoch ends before it
 
 
 def fitting_epochs(budget: float, elapsed: float, seconds_per_step: float, steps_done: int, steps_per_epoch: int,
@@ -207,11 +208,14 @@ def fitting_epochs(budget: float, elapsed: float, seconds_per_step: float, steps
     processes' included: the budget is this process's). Each further epoch costs its steps at
     ``seconds_per_step`` plus, every ``eval_every`` epochs, an evaluation of ``eval_seconds``;
     ``extra_seconds`` are spent once more at the end (a final evaluation with TTA); ``FIT_MARGIN`` of
-    the budget stays unplanned. The last epoch may end within the epoch.
+    the budget stays unplanned. The last epoch may end within the epoch, though not within its first
+    ``SHORTEST_LAST_EPOCH``.
     """
     per_epoch = steps_per_epoch * seconds_per_step + eval_seconds / eval_every
     available = max(0.0, budget * (1 - FIT_MARGIN) - elapsed - extra_seconds)
     steps = steps_done + math.floor(available / per_epoch * steps_per_epoch)
+    if steps % steps_per_epoch < steps_per_epoch * SHORTEST_LAST_EPOCH:  # no stub of an epoch at the end
+        steps -= steps % steps_per_epoch
     return max(least, min(most, steps / steps_per_epoch))
 
 
@@ -577,6 +581,7 @@ class Trainer:
         budget = c.max_minutes * 60 if c.max_minutes else None
         stop_reason, mid_epoch = "completed", False
         train_seconds, trained_images = 0.0, 0
+        besides_seconds, epochs_here = 0.0, 0  # each epoch's evaluation, checkpoint and plot, for refits
         start_epoch, start_step = state.epoch, state.step_in_epoch
 
         refit = None
@@ -604,7 +609,9 @@ class Trainer:
                     break
                 self._end_epoch(outcome)
                 if refit is not None and state.fitted_epochs is not None and state.epoch < c.epochs:
-                    self._refit(budget, outcome, time.monotonic() - epoch_started, most=refit)
+                    besides_seconds += time.monotonic() - epoch_started - outcome.seconds_this_run
+                    epochs_here += 1
+                    self._refit(budget, train_seconds, trained_images, besides_seconds / epochs_here, most=refit)
                 reason = stop.name if stop.signum is not None else ""
                 over_budget = budget is not None and time.monotonic() - self.t0 > budget
                 if not reason and over_budget and state.epoch < c.epochs:
@@ -667,24 +674,25 @@ class Trainer:
 
         return fit
 
-    def _refit(self, budget: float, outcome: EpochOutcome, wall: float, most: int) -> None:
-        """--fit-epochs after an epoch of ``wall`` seconds: fit the epochs again from its measured times
-        (its steps; its evaluation, checkpoint and plot)."""
+    def _refit(self, budget: float, train_seconds: float, trained_images: int, besides: float, most: int) -> None:
+        """--fit-epochs after an epoch: fit the epochs again from this process's measured times so far
+        (``train_seconds`` for ``trained_images``; ``besides``: an epoch's evaluation, checkpoint and
+        plot on average, evaluated or not, which is near enough for --eval-every 1 or every few)."""
         c, dist, row = self.config, self.dist, self.state.history[-1]
-        steps = round(outcome.images_this_run / c.batch_size)
+        steps = round(trained_images / c.batch_size)
         if not steps:
             return
-        (per_step,) = dist.max([outcome.seconds_this_run / steps])
+        (per_step,) = dist.max([train_seconds / steps])
         (elapsed,) = dist.max([time.monotonic() - self.t0])
-        (overhead,) = dist.max([wall - outcome.seconds_this_run])  # evaluated or not: every eval_every epochs
+        (overhead,) = dist.max([besides])
         views, extra = self._eval_views()
         one_view = row["eval_seconds"] / views if row.get("test_acc") is not None else 0.0
         least = (self.state.global_step + 1) / self.steps_per_epoch
         epochs = fitting_epochs(budget, elapsed, per_step, self.state.global_step, self.steps_per_epoch, overhead,
                                 1, most=max(most, least), least=least, extra_seconds=extra * one_view)
         if epochs != self.state.fitted_epochs:
-            self._say(f"--fit-epochs: {per_step:.3f} s per step and {overhead:.1f} s besides in epoch "
-                      f"{self.state.epoch}, so {epochs:.2f} epochs in all")
+            self._say(f"--fit-epochs: {per_step:.3f} s per step and {overhead:.1f} s besides per epoch after "
+                      f"epoch {self.state.epoch}, so {epochs:.2f} epochs in all")
             self._set_fitted(epochs)
 
     def _eval_views(self) -> tuple[int, int]:
