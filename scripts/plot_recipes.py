@@ -23,18 +23,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 from densenet.pretrained import pretrained_card, pretrained_names  # noqa: E402
 
 
+def _tta_label(every: bool | None, final: bool | None) -> str:
+    return " (flip TTA)" if every else " (last point with flip TTA)" if final else ""
+
+
 def curve(run: str) -> tuple[str, float, list[float], list[float]]:
-    """(recipe, with " (flip TTA)" when its evaluations used it; mean training images/s; seconds at
+    """(recipe, with " (flip TTA)" when its evaluations used it (or only the last); mean training images/s; seconds at
     the end of each epoch's evaluation; test accuracy of each epoch)."""
     if not Path(run).is_dir() and run in pretrained_names():
         card = pretrained_card(run)
-        tta = " (flip TTA)" if card.get("tta_in_training") else ""
+        tta = _tta_label(card.get("tta_in_training"), card.get("final_tta_in_training"))
         return (card["recipe"] + tta, card["images_per_second"], card["elapsed_seconds_per_epoch"],
                 card["test_acc_per_epoch"])
     rows = [r for r in csv.DictReader((Path(run) / "metrics.csv").open()) if r.get("test_acc")]
     config = json.loads((Path(run) / "config.json").read_text())["config"]
     speed = sum(float(r["images_per_second"]) for r in rows) / max(len(rows), 1)
-    tta = " (flip TTA)" if config.get("tta") else ""
+    tta = _tta_label(config.get("tta"), config.get("final_tta"))
     return ((config.get("recipe") or Path(run).name) + tta, speed, [float(r["elapsed_seconds"]) for r in rows],
             [float(r["test_acc"]) for r in rows])
 

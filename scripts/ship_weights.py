@@ -53,6 +53,7 @@ def main() -> int:
         "recipe": training.get("recipe"),
         "command": args.command,
         "epochs": training.get("epochs_completed"),
+        "fitted_epochs": training.get("fitted_epochs"),  # --fit-epochs: the last epoch may end early
         "wall_seconds": round(args.process_seconds, 1),
         "training_loop_seconds": round(float(training.get("wall_seconds") or 0.0), 1),
         "test_acc_per_epoch": [None if not r.get("test_acc") else round(float(r["test_acc"]), 4) for r in rows],
@@ -63,6 +64,7 @@ def main() -> int:
         "load": args.load,
         "torch": torch.__version__,
         "tta_in_training": bool(config["config"].get("tta")),
+        "final_tta_in_training": bool(config["config"].get("final_tta")),
         "dataset": "CIFAR-10 (JPEG copy): the 10,000 test images",
         "weights_dtype": "float16",
     }
@@ -86,6 +88,20 @@ def main() -> int:
     return 0
 
 
+def tta_note(card: dict) -> str:
+    if card.get("tta_in_training"):
+        return ", with flip TTA as the run evaluated"
+    return ", the last with flip TTA as the run evaluated" if card.get("final_tta_in_training") else ""
+
+
+def epochs_text(card: dict) -> str:
+    """The epochs on a card: "5", or "5 (4.91 fitted: the last cut short)"."""
+    fitted = card.get("fitted_epochs")
+    if fitted and fitted != card["epochs"]:
+        return f"{card['epochs']} ({fitted:.2f} fitted: the last cut short)"
+    return str(card["epochs"])
+
+
 def render_card(card: dict, sha256: str) -> str:
     per_epoch = ", ".join("-" if a is None else f"{100 * a:.2f}" for a in card["test_acc_per_epoch"])
     return f"""# {card['name']}
@@ -101,7 +117,7 @@ A DenseNet trained on the CPU by this project, shipped inside the package. Load 
 | data | {card['dataset']} |
 | recipe | `{card['recipe']}` |
 | command | `{card['command']}` |
-| epochs | {card['epochs']} |
+| epochs | {epochs_text(card)} |
 | training wall time | {card['wall_seconds']:.0f} s: the whole `densenet train` process, start-up, data loading and every evaluation included ({card['training_loop_seconds']:.0f} s from the first step to the final weights) |
 | training images/s | {card['images_per_second']:.0f} (mean over epochs) |
 | parameters | {card['parameters']:,} |
@@ -109,7 +125,7 @@ A DenseNet trained on the CPU by this project, shipped inside the package. Load 
 | torch | {card['torch']} |
 | weights | float16 safetensors, SHA-256 `{sha256}` |
 
-Test accuracy after each epoch (%{', with flip TTA as the run evaluated' if card.get('tta_in_training') else ''}): {per_epoch}.
+Test accuracy after each epoch (%{tta_note(card)}): {per_epoch}.
 """
 
 

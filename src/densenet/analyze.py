@@ -39,7 +39,8 @@ def format_model_list(rows: list[dict[str, Any]]) -> str:
         for name in shipped:
             card = pretrained_card(name)
             lines.append(f"{name:<22}{100 * card['test_acc']:>10.2f}%{100 * card['test_acc_tta']:>9.2f}%"
-                         f"{card['epochs']:>8}{card['wall_seconds'] / 60:>9.1f} min  {card['recipe']}, "
+                         f"{round(card.get('fitted_epochs') or card['epochs'], 2):>8g}"
+                         f"{card['wall_seconds'] / 60:>9.1f} min  {card['recipe']}, "
                          f"{card['machine']}")
     return "\n".join(lines)
 
