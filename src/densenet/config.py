@@ -153,10 +153,11 @@ _CPU_S = dict(model="densenet-cpu-s", whiten=True, batch_size=128, lr=0.2, momen
               alternate_flip=True, bn_lr_scale=16.0, channels_last=True, final_tta=True)
 
 
-def _cpu_recipe(minutes: int, most_epochs: int, warmup: float, description: str) -> dict:
-    """A CPU recipe: the shared densenet-cpu-s settings for as many epochs as fit in ``minutes`` (at
-    most ``most_epochs``), chosen by --fit-epochs from the measured speed of the first steps."""
-    settings = dict(_CPU_S, epochs=most_epochs, warmup_epochs=warmup, max_minutes=float(minutes), fit_epochs=True)
+def _cpu_recipe(minutes: int, most_epochs: int, warmup: float, description: str, **overrides) -> dict:
+    """A CPU recipe: the shared densenet-cpu-s settings (with ``overrides``) for as many epochs as fit in
+    ``minutes`` (at most ``most_epochs``), chosen by --fit-epochs from the measured speed."""
+    settings = dict(_CPU_S, epochs=most_epochs, warmup_epochs=warmup, max_minutes=float(minutes), fit_epochs=True,
+                    **overrides)
     return {"description": description, "settings": settings}
 
 
@@ -175,14 +176,15 @@ RECIPES: dict[str, dict] = {
     "paper": _step_recipe("densenet-bc-100-12", 300, 0.1, True, [0.5, 0.75],
                           "Huang et al.'s CIFAR setup: densenet-bc-100-12, 300 epochs, batch 64, lr 0.1, Nesterov "
                           "0.9, wd 1e-4, x0.1 at 50% and 75%, crop+flip"),
+    # no random crops in 10 or 30 minutes: 5 or 14 epochs are too few for them to pay (docs/TRAINING.md)
     "quick": _cpu_recipe(10, 12, 0.8, "CPU demo, <= 10 minutes: densenet-cpu-s with a whitened stem, as many "
                          "epochs as fit (--fit-epochs, at most 12), batch 128, one-cycle to lr 0.2 (0.8 warm-up "
-                         "epochs), Nesterov, wd 5e-4 (BatchNorm: lr x16, wd /16), label smoothing 0.1, crop + "
-                         "alternating flip, flip TTA in the final evaluation, channels_last"),
+                         "epochs), Nesterov, wd 5e-4 (BatchNorm: lr x16, wd /16), label smoothing 0.1, alternating "
+                         "flip and no crops, flip TTA in the final evaluation, channels_last", crop_padding=0),
     "cpu-30m": _cpu_recipe(30, 40, 1.8, "CPU, <= 30 minutes: the quick recipe for as many epochs as fit (at most "
-                           "40; 1.8 warm-up epochs)"),
-    "cpu-90m": _cpu_recipe(90, 120, 3.5, "CPU, <= 90 minutes: the quick recipe for as many epochs as fit (at "
-                           "most 120; 3.5 warm-up epochs)"),
+                           "40; 1.8 warm-up epochs)", crop_padding=0),
+    "cpu-90m": _cpu_recipe(90, 120, 3.5, "CPU, <= 90 minutes: the quick recipe with 4-pixel random crops for as "
+                           "many epochs as fit (at most 120; 3.5 warm-up epochs)"),
     "fast": {
         "description": "GPU time-to-accuracy plumbing (untuned): densenet121-cifar, bf16, channels_last, "
         "batch 512, one-cycle to lr 0.8, label smoothing 0.1, EMA 0.999, flip TTA, torch.compile",
