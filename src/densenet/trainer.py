@@ -190,7 +190,7 @@ class TrainResult:
 
 # --fit-epochs times optimizer steps FIT_STEPS[0]+1 .. FIT_STEPS[1] of a fresh run (the first ones
 # warm up the allocator and caches) and fits the epochs to the budget; after each epoch it fits them
-# again from that epoch's measured step and evaluation times. It leaves this fraction of the budget
+# again from the mean measured step and per-epoch evaluation times so far. It leaves this fraction of the budget
 # unplanned (for the speed to vary within an epoch, the final evaluation and the weights' writing),
 # and takes an evaluation it has not timed yet to cost this fraction of a training step per image
 FIT_STEPS = (5, 35)
