@@ -92,6 +92,7 @@ def test_warmup_cosine_onecycle_constant():
         (["--milestones", "0.5,75"], "mixes fractions and epochs"),
         (["--lr", "0"], "--lr must be positive"),
         (["--ema", "1.5"], "--ema must be a decay"),
+        (["--lookahead", "1"], "--lookahead must be a decay"),
         (["--bn-lr-scale", "0"], "--bn-lr-scale must be positive"),
         (["--fit-epochs"], "--fit-epochs needs --max-minutes"),
         (["--warmup-epochs", "500"], "--warmup-epochs"),
@@ -205,13 +206,25 @@ def test_run_directory_and_weights(tiny_data, tmp_path):
     assert result.best_epoch == best["epoch"]
 
 
+def test_lookahead_run_ends_on_the_slow_weights(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    result = TR.train(tiny_config(tiny_data, out, weights_dir=str(tmp_path / "w"), lookahead=0.7))
+    assert result.stop_reason == "completed"
+    ckpt = state(out / "checkpoint-last.pt")
+    assert ckpt["global_step"] == 12 and ckpt["meta"]["training"]["lookahead"] == 0.7
+    model, _ = load_model(tmp_path / "w")
+    for key, slow in ckpt["lookahead"].items():
+        assert torch.equal(ckpt["model"][key], slow) and torch.equal(model.state_dict()[key], slow), key
+
+
 def _final_weights(out: Path) -> dict:
     ckpt = state(out / "checkpoint-last.pt")
-    return {"model": ckpt["model"], "ema": ckpt["ema"], "optimizer": ckpt["optimizer"]["state"]}
+    return {"model": ckpt["model"], "ema": ckpt["ema"], "lookahead": ckpt["lookahead"],
+            "optimizer": ckpt["optimizer"]["state"]}
 
 
 def _assert_same(a: dict, b: dict) -> None:
-    for part in ("model", "ema"):
+    for part in ("model", "ema", "lookahead"):
         assert a[part].keys() == b[part].keys()
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), (part, key)
@@ -221,8 +234,8 @@ def _assert_same(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("stop_step", [6, 8], ids=["between-epochs", "mid-epoch"])
 def test_resume_gives_identical_weights(tiny_data, tmp_path, monkeypatch, stop_step):
-    # dropout and EMA make the RNG state and the averaged weights part of what must be restored
-    kw = dict(epochs=3, dropout=0.1, ema=0.8, schedule="onecycle", warmup_epochs=1)
+    # dropout, EMA and lookahead make the RNG state and the averaged weights part of what must be restored
+    kw = dict(epochs=3, dropout=0.1, ema=0.8, lookahead=0.7, schedule="onecycle", warmup_epochs=1)
     whole = TR.train(tiny_config(tiny_data, tmp_path / "whole", **kw))
     assert whole.stop_reason == "completed"
 

@@ -102,6 +102,9 @@ class TrainConfig:
     label_smoothing: float = setting(0.0, "", OPTIM)
     ema: float | None = setting(None, "keep and evaluate an exponential moving average of the weights with this "
                                 "decay, e.g. 0.999 (default off)", OPTIM, metavar="DECAY")
+    lookahead: float | None = setting(None, "lookahead of the weights: every 5 steps a slow copy takes 1 - DECAY x "
+                                      "progress^3 of them and training restarts from it; the run ends on the "
+                                      "slow weights, e.g. 0.77 (default off)", OPTIM, metavar="DECAY")
 
     crop_padding: int = setting(4, "random crop of the zero-padded image", AUGMENT, augment=True)
     flip: bool = setting(True, "random horizontal flip", AUGMENT, augment=True)
@@ -301,6 +304,8 @@ def validate(config: TrainConfig) -> None:
     need(is_int(c.seed) and c.seed >= 0, f"--seed must be a non-negative integer, got {c.seed!r}")
     need(c.amp in AMPS, f"unknown --amp {c.amp!r}; choose one of {', '.join(AMPS)}")
     need(c.ema is None or 0 <= c.ema < 1, f"--ema must be a decay in (0, 1), e.g. 0.999 (0: off), got {c.ema}")
+    need(c.lookahead is None or 0 < c.lookahead < 1,
+         f"--lookahead must be a decay in (0, 1), e.g. 0.77, got {c.lookahead}")
     need(is_int(c.eval_every) and c.eval_every >= 1, f"--eval-every must be >= 1, got {c.eval_every!r}")
     need(c.eval_batch_size is None or c.eval_batch_size >= 1, "--eval-batch-size must be >= 1")
     need(c.max_minutes is None or c.max_minutes > 0, f"--max-minutes must be positive, got {c.max_minutes}")

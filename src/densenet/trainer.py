@@ -54,6 +54,7 @@ from densenet.data import load_splits
 from densenet.errors import ConfigError, DenseNetError, ResourceError, TrainingError
 from densenet.files import remove_stale_temporaries
 from densenet.inference import evaluate
+from densenet.lookahead import Lookahead
 from densenet.models import whiten_stem
 from densenet.plots import plot_curves
 from densenet.registry import create_model
@@ -431,6 +432,7 @@ class Trainer:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(c.ema), use_buffers=True)
+        self.lookahead = Lookahead(self.model, c.lookahead) if c.lookahead else None
         # NCHW batches even for a channels_last model: its stem convolution reorders the 3-channel
         # input for next to nothing (train steps measured equal), while a channels_last batch would
         # cost the Augmenter a transposing pass
@@ -465,6 +467,11 @@ class Trainer:
                 if not checkpoint.get("ema"):
                     raise TrainingError("the checkpoint has no EMA weights; resume without --ema or start afresh")
                 self.ema.load_state_dict(checkpoint["ema"])
+            if self.lookahead is not None:
+                if not checkpoint.get("lookahead"):
+                    raise TrainingError("the checkpoint has no lookahead weights; resume without --lookahead or "
+                                        "start afresh")
+                self.lookahead.load_state_dict(checkpoint["lookahead"])
             self.state = RunState.from_checkpoint(checkpoint)
             if self.config.fit_epochs and self.state.fitted_epochs:
                 self.config.epochs = math.ceil(self.state.fitted_epochs)
@@ -510,7 +517,8 @@ class Trainer:
                 "epochs": c.epochs, "fitted_epochs": self.state.fitted_epochs, "epochs_completed": epochs_done,
                 "finished": finished,
                 "stop_reason": stop_reason, "best_acc": self.state.best_acc, "best_epoch": self.state.best_epoch,
-                "final_test_acc": final_acc, "ema": c.ema, "date": datetime.now(timezone.utc).isoformat(),
+                "final_test_acc": final_acc, "ema": c.ema, "lookahead": c.lookahead,
+                "date": datetime.now(timezone.utc).isoformat(),
                 "world_size": self.dist.world_size,
                 "global_batch_size": c.batch_size * self.dist.world_size,
             },
@@ -556,6 +564,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "ema": self.ema.state_dict() if self.ema is not None else {},
+            "lookahead": self.lookahead.state_dict() if self.lookahead is not None else {},
             **self.state.checkpoint_fields(),
             "rng": rng[0],
             "rng_per_rank": rng if self.dist.distributed else None,
@@ -810,9 +819,11 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
         self.scheduler.step()
+        self.state.global_step += 1
+        if self.lookahead is not None:
+            self.lookahead.step(self.model, self.state.global_step, self.total_steps())
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        self.state.global_step += 1
         return loss, logits
 
     def _check_finite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
