@@ -1,7 +1,7 @@
 """torch.hub entry points: the models shipped with the package, by name, with their trained weights.
 
-    model = torch.hub.load("path/to/densenet", "densenet-cpu-30m", source="local")
-    model = torch.hub.load("path/to/densenet", "densenet-cpu-30m", source="local", pretrained=False)
+    model = torch.hub.load("path/to/densenet", "densenet-cpu-s-30m", source="local")
+    model = torch.hub.load("path/to/densenet", "densenet-cpu-s-30m", source="local", pretrained=False)
 
 Each entry returns the model in eval mode with ``model.meta`` (classes, normalisation, model card);
 ``pretrained=False`` gives the same architecture freshly initialised. ``torch.hub.list`` lists

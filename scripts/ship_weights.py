@@ -1,6 +1,6 @@
 """Put trained weights into the package as a shipped model: fp16 safetensors + model.json with a card.
 
-    python scripts/ship_weights.py runs/cpu30-weights densenet-cpu-30m \\
+    python scripts/ship_weights.py runs/cpu30-weights densenet-cpu-s-30m \\
         --run-dir runs/cpu30 --data-dir ../shared/data/cifar10-jpeg \\
         --command "densenet train --recipe cpu-30m ..." --machine "2-core AMD EPYC (AVX-512), torch 2.13.0"
 

@@ -7,7 +7,7 @@ CIFAR-10 (JPEG copy) test set, training time, machine and the weights' SHA-256. 
 the same folder is the card for people.
 
 :func:`resolve_weights` turns a name into its folder; a path that exists on disk always wins over
-a shipped name, so a user's own ``./densenet-cpu-30m`` folder is never shadowed.
+a shipped name, so a user's own ``./densenet-cpu-s-30m`` folder is never shadowed.
 """
 
 from __future__ import annotations
