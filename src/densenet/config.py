@@ -180,14 +180,16 @@ RECIPES: dict[str, dict] = {
                           "Huang et al.'s CIFAR setup: densenet-bc-100-12, 300 epochs, batch 64, lr 0.1, Nesterov "
                           "0.9, wd 1e-4, x0.1 at 50% and 75%, crop+flip"),
     # no random crops in 10 or 30 minutes: 5 or 14 epochs are too few for them to pay (docs/TRAINING.md)
-    "quick": _cpu_recipe(10, 12, 0.8, "CPU demo, <= 10 minutes: densenet-cpu-s with a whitened stem, as many "
+    # densenet-cpu-xs (k=48) in 10 minutes: 6.4 epochs beat densenet-cpu-s's 4.9 and k=32's 8.4 (docs/TRAINING.md)
+    "quick": _cpu_recipe(10, 12, 0.8, "CPU demo, <= 10 minutes: densenet-cpu-xs with a whitened stem, as many "
                          "epochs as fit (--fit-epochs, at most 12), batch 128, one-cycle to lr 0.2 (0.8 warm-up "
                          "epochs), Nesterov, wd 5e-4 (BatchNorm: lr x16, wd /16), label smoothing 0.1, alternating "
-                         "flip and no crops, flip TTA in the final evaluation, channels_last", crop_padding=0),
-    "cpu-30m": _cpu_recipe(30, 40, 1.8, "CPU, <= 30 minutes: the quick recipe for as many epochs as fit (at most "
-                           "40; 1.8 warm-up epochs)", crop_padding=0),
-    "cpu-90m": _cpu_recipe(90, 120, 3.5, "CPU, <= 90 minutes: the quick recipe with 4-pixel random crops for as "
-                           "many epochs as fit (at most 120; 3.5 warm-up epochs)"),
+                         "flip and no crops, flip TTA in the final evaluation, channels_last", crop_padding=0,
+                         model="densenet-cpu-xs"),
+    "cpu-30m": _cpu_recipe(30, 40, 1.8, "CPU, <= 30 minutes: the quick recipe with densenet-cpu-s (k=64) for as "
+                           "many epochs as fit (at most 40; 1.8 warm-up epochs)", crop_padding=0),
+    "cpu-90m": _cpu_recipe(90, 120, 3.5, "CPU, <= 90 minutes: the quick recipe with densenet-cpu-s (k=64) and "
+                           "4-pixel random crops for as many epochs as fit (at most 120; 3.5 warm-up epochs)"),
     "fast": {
         "description": "GPU time-to-accuracy plumbing (untuned): densenet121-cifar, bf16, channels_last, "
         "batch 512, one-cycle to lr 0.8, label smoothing 0.1, EMA 0.999, flip TTA, torch.compile",
