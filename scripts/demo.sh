@@ -56,7 +56,9 @@ for i in range(0, len(test), len(test) // 8)[:8]:
 EOF
 "$DENSENET" predict --weights runs/demo-weights runs/demo-samples --topk 3
 
-SHIPPED=$("$PYTHON" -c 'from densenet.pretrained import pretrained_names as n; print(n()[-1] if n() else "")')
+# the most accurate shipped model (by its card's test accuracy)
+SHIPPED=$("$PYTHON" -c 'from densenet.pretrained import pretrained_card as c, pretrained_names as n
+print(max(n(), key=lambda m: c(m).get("test_acc") or 0, default=""))')
 if [[ -n "$SHIPPED" ]]; then
     echo "== densenet predict with the model shipped in the package ($SHIPPED, trained longer on the CPU)"
     "$DENSENET" predict --weights "$SHIPPED" runs/demo-samples --topk 3
