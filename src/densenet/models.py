@@ -409,11 +409,13 @@ def densenet_bc_mini(num_classes: int = 10, **overrides: Any) -> DenseNet:
     return _named(DenseNet(**{**kwargs, "num_classes": num_classes, **overrides}), "densenet-bc-mini")
 
 
-def densenet_cpu(name: str, growth_rate: int, block_config: tuple[int, ...]):
+def densenet_cpu(name: str, growth_rate: int, block_config: tuple[int, ...], compression: float = 0.5):
     """A DenseNet shaped for training on a CPU in minutes (see docs/TRAINING.md for how it was chosen).
 
     Basic dense layers (BN-ReLU-Conv3x3, no bottleneck: few wide convolutions run far faster per
-    FLOP on a CPU than many narrow ones), a large growth rate, compression 0.5, and a 3x3 stride-2
+    FLOP on a CPU than many narrow ones), a large growth rate, compression 0.5 (1.0 for
+    densenet-cpu-m: its blocks at 8 and 4 pixels, where a convolution is cheap, get twice the
+    input channels), and a 3x3 stride-2
     stem of 54 = 2 x 27 channels: exactly the size of a patch-whitening filter bank of 3x3 colour
     patches (``densenet train --whiten``), so the blocks work at 16, 8 and 4 pixels. (A stride-1
     stem with a 2x2 max-pool, ``stem_stride=1, stem_pool=True``, trained worse: docs/TRAINING.md.)
@@ -421,12 +423,12 @@ def densenet_cpu(name: str, growth_rate: int, block_config: tuple[int, ...]):
 
     def build(num_classes: int = 10, **overrides: Any) -> DenseNet:
         kwargs = dict(growth_rate=growth_rate, block_config=block_config, num_init_features=54, bn_size=0,
-                      compression=0.5, stem="cifar", stem_stride=2)
+                      compression=compression, stem="cifar", stem_stride=2)
         return _named(DenseNet(**{**kwargs, "num_classes": num_classes, **overrides}), name)
 
     build.__name__ = name.replace("-", "_")
     build.__doc__ = (f"{name}: basic DenseNet, k={growth_rate}, blocks {'-'.join(map(str, block_config))}, "
-                     "54-channel 3x3/2 stem for whitening.")
+                     f"compression {compression:g}, 54-channel 3x3/2 stem for whitening.")
     return build
 
 
