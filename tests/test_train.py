@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -424,6 +425,21 @@ def test_time_budget_stops_cleanly_and_resumes(tiny_data, tmp_path):
     assert meta["training"]["final_test_acc"] == result.final_test_acc is not None
     again = TR.train(tiny_config(tiny_data, out, epochs=3, resume=str(out)))
     assert again.stop_reason == "completed" and again.epochs_completed == 3
+
+
+def test_time_budget_keeps_room_for_the_final_evaluation(tiny_data, tmp_path, monkeypatch):
+    # each evaluation takes 1 s here: with a 4 s budget the run must stop once what is left would not
+    # hold the final evaluation (with its extra TTA view: 2 s), not at 4 s with the evaluation after it
+    real = TR.evaluate
+
+    def slow(*args, **kwargs):
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(TR, "evaluate", slow)
+    result = TR.train(tiny_config(tiny_data, tmp_path / "run", epochs=50, max_minutes=4 / 60, final_tta=True))
+    assert result.stop_reason == "time budget" and 1 <= result.epochs_completed <= 2
+    assert result.wall_seconds < 4
 
 
 def test_fitting_epochs_arithmetic():

@@ -262,6 +262,7 @@ class Trainer:
         self.state = RunState()
         self.on_step = step_hooks()
         self._tb = None
+        self.final_reserve = 0.0  # seconds the final evaluation will take, as far as known (_budget_spent)
 
     # process-wide set-up, and the errors a run can end with ---------------------------------------
 
@@ -622,8 +623,7 @@ class Trainer:
                     epochs_here += 1
                     self._refit(budget, train_seconds, trained_images, besides_seconds / epochs_here, most=refit)
                 reason = stop.name if stop.signum is not None else ""
-                over_budget = budget is not None and time.monotonic() - self.t0 > budget
-                if not reason and over_budget and state.epoch < c.epochs:
+                if not reason and self._budget_spent(budget) and state.epoch < c.epochs:
                     reason = "time budget"
                 reason = dist.agree_stop(reason)  # every process stops after the same epoch
                 if reason:
@@ -704,6 +704,12 @@ class Trainer:
                       f"epoch {self.state.epoch}, so {epochs:.2f} epochs in all")
             self._set_fitted(epochs)
 
+    def _budget_spent(self, budget: float | None) -> bool:
+        """Whether a run with ``budget`` seconds must stop now: the budget counts the final evaluation
+        and the weights too, so it stops early by the time the last evaluation took (with the final
+        one's extra TTA view)."""
+        return budget is not None and time.monotonic() - self.t0 > budget - self.final_reserve
+
     def _eval_views(self) -> tuple[int, int]:
         """The views of each evaluation (2 with --tta) and the extra ones of the final (1 with --final-tta)."""
         c = self.config
@@ -773,7 +779,7 @@ class Trainer:
                 # under torchrun the processes agree (every check_every steps) so they stop together
                 if done < end and (dist.world_size == 1 or done % check_every == 0):
                     reason = stop.name if stop.signum is not None else ""
-                    if not reason and budget is not None and time.monotonic() - self.t0 > budget:
+                    if not reason and self._budget_spent(budget):
                         reason = "time budget"
                     stopped = dist.agree_stop(reason)
                     if stopped:
@@ -860,6 +866,9 @@ class Trainer:
                 result = self._evaluate(split, final=epoch + 1 == c.epochs)
                 row[f"{split}_loss"], row[f"{split}_acc"] = result["loss"], result["top1"]
         row["eval_seconds"] = time.monotonic() - t_eval
+        if row["test_acc"] is not None or row["val_acc"] is not None:
+            views, extra = self._eval_views()
+            self.final_reserve = row["eval_seconds"] * (views + extra) / views
         row["peak_memory_mb"] = peak_memory_mb(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
