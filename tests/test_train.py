@@ -127,7 +127,7 @@ def test_recipe_then_flags_precedence():
     config = T.config_from_args(args)
     quick = C.RECIPES["quick"]["settings"]
     assert config.lr == 0.1 and config.flip is False  # flags win
-    assert config.epochs == quick["epochs"] and config.model == quick["model"] == "densenet-cpu-xs"  # recipe beats defaults
+    assert config.epochs == quick["epochs"] and config.model == quick["model"] == "densenet-cpu-k96"  # recipe beats defaults
     assert config.recipe == "quick"
     plain = T.config_from_args(parser.parse_args(["train", "--milestones", "0.5,0.75"]))
     assert plain == C.TrainConfig(milestones=[0.5, 0.75])

@@ -81,6 +81,9 @@ register_model("densenet-cpu-s", densenet_cpu("densenet-cpu-s", 64, (2, 3, 2)),
                "CPU-trainable basic DenseNet: 54-ch 3x3/2 stem (whitening), k=64, blocks 2-3-2, CIFAR")
 register_model("densenet-cpu-xs", densenet_cpu("densenet-cpu-xs", 48, (2, 3, 2)),
                "densenet-cpu-s with k=48: the 10-minute CPU recipe's model (more epochs fit), CIFAR")
+register_model("densenet-cpu-k96", densenet_cpu("densenet-cpu-k96", 96, (1, 2, 2)),
+               "basic DenseNet with a 54-ch 3x3/2 whitening stem, k=96, blocks 1-2-2: the 10-minute CPU recipe's "
+               "model, CIFAR")
 register_model("densenet-cpu-m", densenet_cpu("densenet-cpu-m", 64, (2, 3, 2), compression=1.0),
                "densenet-cpu-s without compression (theta=1): the 90-minute CPU recipe's model, CIFAR")
 register_model("densenet121-cifar", densenet121_cifar, "DenseNet-121 (k=32, 6-12-24-16) with a 3x3 stem, CIFAR")
