@@ -180,9 +180,9 @@ RECIPES: dict[str, dict] = {
                           "Huang et al.'s CIFAR setup: densenet-bc-100-12, 300 epochs, batch 64, lr 0.1, Nesterov "
                           "0.9, wd 1e-4, x0.1 at 50% and 75%, crop+flip"),
     # no random crops in 10 or 30 minutes: 5 or 14 epochs are too few for them to pay (docs/TRAINING.md)
-    # densenet-cpu-k96 (k=96, blocks 1-2-2: one layer at 16 pixels, the depth at 8 and 4) in 10 minutes: 85.35%
-    # and 85.12% in two runs (5.9-6.0 epochs) against densenet-cpu-xs's 84.39-85.47% over three; in one
-    # side-by-side probe 82.73% against 81.95% (docs/TRAINING.md)
+    # densenet-cpu-k96 (k=96, blocks 1-2-2: one layer at 16 pixels, the depth at 8 and 4) in 10 minutes: 85.35%,
+    # 85.12% and 83.58% (a slow stretch of the machine) against densenet-cpu-xs's 84.39-85.47%, a tie; ahead in
+    # the one side-by-side probe, 82.73% against 81.95% (docs/TRAINING.md)
     "quick": _cpu_recipe(10, 12, 0.8, "CPU demo, <= 10 minutes: densenet-cpu-k96 with a whitened stem, as many "
                          "epochs as fit (--fit-epochs, at most 12), batch 128, one-cycle to lr 0.2 (0.8 warm-up "
                          "epochs), Nesterov, wd 5e-4 (BatchNorm: lr x16, wd /16), label smoothing 0.1, alternating "
