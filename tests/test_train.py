@@ -22,6 +22,7 @@ from densenet import cli
 from densenet import config as C
 from densenet import trainer as TR
 from densenet.errors import ConfigError, DenseNetError, ResourceError, TrainingError
+from densenet.registry import create_model
 from densenet.weights import load_checkpoint, load_model
 from helpers import coloured_image_folder
 
@@ -94,6 +95,7 @@ def test_warmup_cosine_onecycle_constant():
         (["--lr", "0"], "--lr must be positive"),
         (["--ema", "1.5"], "--ema must be a decay"),
         (["--lookahead", "1"], "--lookahead must be a decay"),
+        (["--bn-momentum", "0"], "--bn-momentum must be in (0, 1]"),
         (["--bn-lr-scale", "0"], "--bn-lr-scale must be positive"),
         (["--fit-epochs"], "--fit-epochs needs --max-minutes"),
         (["--warmup-epochs", "500"], "--warmup-epochs"),
@@ -148,8 +150,6 @@ def test_list_recipes(capsys):
 
 
 def test_bn_lr_scale_puts_the_batchnorm_parameters_in_a_group_of_their_own():
-    from densenet.registry import create_model
-
     model = create_model("densenet-bc-10-4")
     assert len(TR.parameter_groups(model, C.TrainConfig())) == 1
     others, norms = TR.parameter_groups(model, C.TrainConfig(lr=0.1, weight_decay=5e-4, bn_lr_scale=8.0))
@@ -216,6 +216,22 @@ def test_lookahead_run_ends_on_the_slow_weights(tiny_data, tmp_path):
     model, _ = load_model(tmp_path / "w")
     for key, slow in ckpt["lookahead"].items():
         assert torch.equal(ckpt["model"][key], slow) and torch.equal(model.state_dict()[key], slow), key
+
+
+def test_bn_momentum_reaches_every_batchnorm(tiny_data, tmp_path, monkeypatch):
+    built = []
+
+    def create(*args, **kwargs):
+        built.append(create_model(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(TR, "create_model", create)
+    TR.train(tiny_config(tiny_data, tmp_path / "run", epochs=1, bn_momentum=0.4))
+    norms = [m for m in built[0].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 9 and {m.momentum for m in norms} == {0.4}
+    assert state(tmp_path / "run" / "checkpoint-last.pt")["config"]["bn_momentum"] == 0.4
+    TR.train(tiny_config(tiny_data, tmp_path / "default", epochs=1))
+    assert {m.momentum for m in built[1].modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
 
 
 def _final_weights(out: Path) -> dict:

@@ -100,6 +100,9 @@ class TrainConfig:
     warmup_epochs: float | None = setting(None, "linear warm-up before any schedule (default 0; onecycle: 30%% "
                                           "of the epochs)", OPTIM)
     label_smoothing: float = setting(0.0, "", OPTIM)
+    bn_momentum: float | None = setting(None, "momentum of the BatchNorm running statistics, PyTorch's convention "
+                                        "(the weight of each new batch; default: PyTorch's 0.1; fast CIFAR "
+                                        "trainers use 0.4)", OPTIM, metavar="M")
     ema: float | None = setting(None, "keep and evaluate an exponential moving average of the weights with this "
                                 "decay, e.g. 0.999 (default off)", OPTIM, metavar="DECAY")
     lookahead: float | None = setting(None, "lookahead of the weights: every 5 steps a slow copy takes 1 - DECAY x "
@@ -302,6 +305,8 @@ def validate(config: TrainConfig) -> None:
     w = warmup_epochs(c)
     need(0 <= w < c.epochs, f"--warmup-epochs must be in [0, epochs), got {w:g}")
     need(0 <= c.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {c.label_smoothing}")
+    need(c.bn_momentum is None or 0 < c.bn_momentum <= 1,
+         f"--bn-momentum must be in (0, 1], e.g. 0.4, got {c.bn_momentum}")
     need(0 <= c.dropout < 1, f"--dropout must be in [0, 1), got {c.dropout}")
     need(is_int(c.crop_padding) and c.crop_padding >= 0, f"--crop-padding must be >= 0, got {c.crop_padding!r}")
     need(c.flip or not c.alternate_flip, "--alternate-flip needs --flip")

@@ -405,6 +405,10 @@ class Trainer:
         model = create_model(c.model, num_classes=num_classes, **model_overrides(c))
         if c.whiten:
             self._whiten(model)
+        if c.bn_momentum is not None:
+            for module in model.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.momentum = c.bn_momentum
         if c.sync_bn and self.dist.distributed:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         memory_format = torch.channels_last if c.channels_last else torch.contiguous_format
