@@ -194,7 +194,7 @@ RECIPES: dict[str, dict] = {
                          "flip and no crops, flip TTA in the final evaluation, channels_last", crop_padding=0,
                          model="densenet-cpu-k96"),
     # cpu-30m: label smoothing 0.2, lookahead and fast BatchNorm statistics (the fast CIFAR trainers' combination)
-    # with 2-pixel crops: 87.88% against 87.68-87.73% for every run without them, and 2-4 points ahead through
+    # with 2-pixel crops: 87.88% against 87.68-87.73% for every run without all three, and 2-4 points ahead through
     # the middle of the run (ninth session, docs/TRAINING.md)
     "cpu-30m": _cpu_recipe(30, 40, 1.8, "CPU, <= 30 minutes: the quick recipe with densenet-cpu-s (k=64) for as "
                            "many epochs as fit (at most 40; 1.8 warm-up epochs), label smoothing 0.2, lookahead "
