@@ -15,6 +15,10 @@ Two parts, each run on a quiet machine (nothing else of yours beside it):
     # leaves it), timed in alternating rounds of the same process
     .venv/bin/python benchmarks/cpu_levers.py stem --batch 128
 
+    # where a training step's time goes (torch.profiler, self CPU time by operator, summed over
+    # steps): convolutions, BatchNorm, ReLU, concatenation, the rest
+    .venv/bin/python benchmarks/cpu_levers.py profile --model densenet-cpu-s --batch 128
+
     # multi-view test-time augmentation of trained weights: the mirror and 1- or 2-pixel shifts
     # (reflection padding) of every test image, alone and averaged in the usual combinations
     .venv/bin/python benchmarks/cpu_levers.py tta --weights densenet-cpu-s-90m --data-dir ../shared/data/cifar10-jpeg
@@ -98,6 +102,52 @@ def stem_speed(batch: int, rounds: int = 4, steps: int = 10) -> list[dict]:
             for name in variants]
 
 
+# operator families of a training step, by the name torch.profiler gives the aten operator
+STEP_FAMILIES = {
+    "convolution": ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution"),
+    "batchnorm": ("aten::native_batch_norm", "aten::native_batch_norm_backward"),
+    "relu": ("aten::relu_", "aten::clamp_min_", "aten::clamp_min", "aten::threshold_backward", "aten::relu"),
+    "concatenation": ("aten::cat",),
+}
+
+
+def step_profile(model_name: str, batch: int, warmup: int = 4, steps: int = 8) -> list[dict]:
+    """Self CPU time per operator family of a channels_last training step (label smoothing as the recipes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = create_model(model_name).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+
+    def step():
+        loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    seconds = (time.perf_counter() - t) / steps
+    self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(self_us.values())
+    family_of = {op: family for family, ops in STEP_FAMILIES.items() for op in ops}
+    shares: dict[str, float] = {}
+    for op, us in self_us.items():
+        family = family_of.get(op, "other")
+        shares[family] = shares.get(family, 0.0) + us
+    top = sorted(self_us.items(), key=lambda kv: -kv[1])[:8]
+    return [{"model": model_name, "batch": batch, "seconds_per_step_profiled": round(seconds, 3),
+             "threads": torch.get_num_threads(),
+             "share": {k: round(v / total, 3) for k, v in sorted(shares.items(), key=lambda kv: -kv[1])},
+             "top_operators": {k: round(v / total, 3) for k, v in top}}]
+
+
 def shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     """``x`` moved by (dy, dx) pixels, the uncovered border filled by reflection."""
     p = max(abs(dy), abs(dx))
@@ -161,6 +211,10 @@ def main() -> None:
     a.add_argument("--epochs", type=int, default=2)
     a.add_argument("--threads", type=int, default=None)
     a.add_argument("--out-dir", default=None)
+    pr = sub.add_parser("profile")
+    pr.add_argument("--model", default="densenet-cpu-s")
+    pr.add_argument("--batch", type=int, default=128)
+    pr.add_argument("--threads", type=int, default=None)
     v = sub.add_parser("tta")
     v.add_argument("--weights", required=True, help="weights path or shipped model name")
     v.add_argument("--data-dir", required=True)
@@ -179,6 +233,11 @@ def main() -> None:
 
     if args.part == "stem":
         for row in stem_speed(args.batch):
+            print(json.dumps(row), flush=True)
+        return
+
+    if args.part == "profile":
+        for row in step_profile(args.model, args.batch):
             print(json.dumps(row), flush=True)
         return
 
