@@ -1,6 +1,6 @@
 """What each lever of the CPU recipes gave on this machine: training-step speed, and accuracy per run.
 
-Two parts, each run on a quiet machine (nothing else of yours beside it):
+Its parts, each run on a quiet machine (nothing else of yours beside it):
 
     # images/s of a training step (synthetic batch, glibc retain policy as in `densenet train`):
     # fp32 vs bf16 autocast, channels_last vs NCHW, eager vs torch.compile, for candidate models
@@ -36,6 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from densenet.errors import DenseNetError
 from densenet.registry import create_model
 from densenet.runtime import set_malloc_policy
 
@@ -261,4 +262,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DenseNetError as e:  # bad model name, setting, data or weights: one line, not a traceback
+        raise SystemExit(f"cpu_levers.py: error: {e}") from None
