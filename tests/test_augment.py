@@ -14,6 +14,8 @@ from densenet.augment import (
     epoch_batches,
     epoch_seed,
     gather_crop_flip,
+    progressive_side,
+    resize_batch,
 )
 from densenet.errors import ConfigError
 
@@ -254,3 +256,25 @@ def test_epoch_batches_bad_arguments():
         epoch_batches(10, 0, epoch=0, seed=0)
     with pytest.raises(ConfigError):
         epoch_batches(10, 2, epoch=0, seed=0, rank=2, world_size=2)
+
+
+def test_progressive_side_holds_then_grows_in_steps_to_the_full_side():
+    sides = [progressive_side(p, 24, 32, (0.5, 0.75)) for p in (0, 0.49, 0.5, 0.62, 0.625, 0.74, 0.75, 1)]
+    assert sides == [24, 24, 24, 24, 28, 28, 32, 32]
+    grid = progressive_side(np.linspace(0, 1, 11), 16, 32, (0.2, 0.8))
+    assert grid.tolist() == [16, 16, 16, 16, 20, 24, 24, 28, 32, 32, 32]
+    assert progressive_side(0.3, 20, 32, (0.3, 0.3)) == 32  # no ramp: full size from its point on
+    assert progressive_side(0.29, 20, 32, (0.3, 0.3)) == 20
+
+
+def test_resize_batch_scales_and_keeps_full_size_batches():
+    x = torch.randn(4, 3, 32, 32)
+    assert resize_batch(x, 32) is x
+    small = resize_batch(x, 24)
+    assert small.shape == (4, 3, 24, 24) and small.is_contiguous()
+    flat = torch.full((2, 3, 32, 32), 0.7)
+    assert torch.allclose(resize_batch(flat, 16), torch.full((2, 3, 16, 16), 0.7))
+    # halving with the antialiasing (triangle) filter keeps a linear ramp inside the image: output pixel i
+    # sits at the centre of input pixels 2i and 2i + 1
+    ramp = torch.arange(32.0).repeat(32, 1).expand(1, 1, 32, 32)
+    assert torch.allclose(resize_batch(ramp, 16)[0, 0, 0, 1:-1], torch.arange(1, 15.0) * 2 + 0.5)

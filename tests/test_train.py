@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,6 +98,9 @@ def test_warmup_cosine_onecycle_constant():
         (["--lookahead", "1"], "--lookahead must be a decay"),
         (["--bn-momentum", "0"], "--bn-momentum must be in (0, 1]"),
         (["--bn-lr-scale", "0"], "--bn-lr-scale must be positive"),
+        (["--low-res", "4"], "--low-res must be a side of at least 8"),
+        (["--low-res", "24", "--low-res-ramp", "0.8,0.5"], "--low-res-ramp must be two fractions"),
+        (["--low-res", "24", "--low-res-ramp", "0.5,x"], "--low-res-ramp must be numbers"),
         (["--fit-epochs"], "--fit-epochs needs --max-minutes"),
         (["--warmup-epochs", "500"], "--warmup-epochs"),
         (["--nesterov", "--momentum", "0"], "--nesterov needs a momentum"),
@@ -330,8 +334,8 @@ def test_tensorboard_without_the_package_is_a_one_line_error(tiny_data, monkeypa
 
 
 @pytest.mark.parametrize("options", [dict(cutout=8), dict(color_jitter=0.4), dict(tta=True), dict(amp="bf16"),
-                                     dict(bn_lr_scale=8.0)],
-                         ids=["cutout", "color-jitter", "tta", "bf16", "bn-lr-scale"])
+                                     dict(bn_lr_scale=8.0), dict(low_res=16, low_res_ramp=[0.25, 0.75])],
+                         ids=["cutout", "color-jitter", "tta", "bf16", "bn-lr-scale", "low-res"])
 def test_training_options_learn_and_resume_exactly(tiny_data, tmp_path, monkeypatch, options):
     kw = dict(epochs=2, **options)
     whole = TR.train(tiny_config(tiny_data, tmp_path / "whole", **kw))
@@ -473,11 +477,51 @@ def test_fitting_epochs_arithmetic():
     assert TR.fitting_epochs(600, 20, 0.5, 10, 100, 10, 1, most=50, extra_seconds=18) == 9.0
 
 
+def test_fitting_epochs_counts_cheaper_steps():
+    # every step at its full cost: the same as without a cost
+    ones = lambda progress: np.ones_like(progress)  # noqa: E731
+    for args, kw in [((600, 20, 0.5, 10, 100, 10, 1), dict(most=50)),
+                     ((600, 20, 0.5, 10, 100, 10, 1), dict(most=50, extra_seconds=18)),
+                     ((600, 20, 0.5, 250, 100, 10, 2), dict(most=50)),
+                     ((600, 20, 0.5, 10, 100, 10, 1), dict(most=4))]:
+        assert TR.fitting_epochs(*args, step_cost=ones, **kw) == TR.fitting_epochs(*args, **kw)
+    # steps at half the cost: 0.25 s and a tenth of the 10 s evaluation each, 556 s for 1588 more steps
+    half = lambda progress: np.full_like(progress, 0.5)  # noqa: E731
+    assert TR.fitting_epochs(600, 20, 0.5, 10, 100, 10, 1, most=50, step_cost=half) == 15.98
+    # a quarter of the cost in the first half of the run: T steps cost 0.5 s x (T/2 x 0.25 + T/2) plus T/100 x 10 s,
+    # so 576 s buy T = 576 / 0.4125 = 1396 steps (the cheap ones end at step 698)
+    cheap_first = lambda progress: np.where(progress < 0.5, 0.25, 1.0)  # noqa: E731
+    assert TR.fitting_epochs(600, 0, 0.5, 0, 100, 10, 1, most=50, step_cost=cheap_first) == 13.96
+
+
+def test_low_res_trains_on_smaller_batches_then_full_ones(tiny_data, tmp_path, monkeypatch, capsys):
+    sides = []
+    real = TR.resize_batch
+
+    def spy(x, side):
+        sides.append(side)
+        return real(x, side)
+
+    monkeypatch.setattr(TR, "resize_batch", spy)
+    result = TR.train(tiny_config(tiny_data, tmp_path / "run", epochs=2, low_res=16, low_res_ramp=[0.25, 0.75],
+                                  progress="lines"))
+    assert result.stop_reason == "completed"
+    # 12 steps: 16 px until a quarter of the run, then 16 + 16 x (s/12 - 0.25) / 0.5 rounded down to steps of
+    # 4 pixels for steps s = 3..8 (from 0), 32 from s = 9 (three quarters) on
+    assert sides == [16, 16, 16, 16, 16, 20, 24, 24, 28, 32, 32, 32]
+    out = capsys.readouterr().out
+    assert "--low-res: training on 16x16 batches from step 1" in out
+    assert "--low-res: training on 32x32 batches from step 10" in out
+    with pytest.raises(ConfigError, match="--low-res 32 must be below the images' side, 32"):
+        TR.train(tiny_config(tiny_data, tmp_path / "big", low_res=32))
+
+
 def test_fit_epochs_fits_within_an_epoch_refits_and_a_resume_keeps_them(tiny_data, tmp_path, monkeypatch, capsys):
     calls = []
 
     def fake_fit(budget, elapsed, per_step, steps_done, steps_per_epoch, eval_seconds, eval_every, most,
-                 least=1.0, extra_seconds=0.0):
+                 least=1.0, extra_seconds=0.0, step_cost=None):
+        assert step_cost is None
         calls.append(dict(budget=budget, steps_done=steps_done, steps_per_epoch=steps_per_epoch, most=most,
                           least=least, extra=extra_seconds > 0))
         assert per_step > 0 and elapsed > 0 and eval_seconds > 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -120,6 +121,26 @@ def gather_crop_flip(
         cols = first_col + torch.arange(w, device=dev)  # (B, W)
         out.mul_(((cols >= 0) & (cols < w)).to(out.dtype).view(b, 1, 1, w))
     return out
+
+
+def progressive_side(progress, low: int, full: int, ramp: Sequence[float], step: int = 4):
+    """The training image side at ``progress`` (a fraction of the run, scalar or numpy array) under
+    progressive resizing: ``low`` until ``ramp[0]``, then growing linearly to ``full`` at ``ramp[1]``,
+    rounded down to ``low`` plus a multiple of ``step`` pixels, ``full`` from ``ramp[1]`` on."""
+    start, end = ramp
+    progress = np.asarray(progress, dtype=np.float64)
+    grown = np.clip((progress - start) / max(end - start, 1e-12), 0.0, 1.0)
+    side = low + np.floor(grown * (full - low) / step + 1e-9) * step
+    side = np.where(progress >= end, full, np.minimum(side, full)).astype(np.int64)
+    return int(side) if side.ndim == 0 else side
+
+
+def resize_batch(x: torch.Tensor, side: int) -> torch.Tensor:
+    """A float batch scaled to ``side`` x ``side`` (bilinear with antialiasing; the batch itself when
+    it has that size already)."""
+    if x.shape[-2:] == (side, side):
+        return x
+    return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
 
 
 def _cutout_mask(shape, centres: torch.Tensor, size: int, device) -> torch.Tensor:

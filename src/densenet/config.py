@@ -119,6 +119,13 @@ class TrainConfig:
     tta: bool = setting(False, "flip test-time augmentation in every evaluation", AUGMENT)
     final_tta: bool = setting(False, "flip test-time augmentation in the final evaluation only (the per-epoch "
                               "ones without)", AUGMENT)
+    low_res: int | None = setting(None, "progressive resizing: train on batches scaled down to this side (e.g. 24) "
+                                  "until the first fraction of --low-res-ramp, then on sides growing in steps of 4 "
+                                  "pixels to the full side at its second; --fit-epochs counts the cheaper steps "
+                                  "(default off)", AUGMENT, metavar="SIDE")
+    low_res_ramp: list[float] = setting(
+        factory=lambda: [0.5, 0.75], help="with --low-res: the fractions of the run where the sides start "
+        "growing and where they reach the full side", group=AUGMENT)
     eval_every: int = setting(1, "evaluate every N epochs (and after the last)", AUGMENT, metavar="N")
     eval_batch_size: int | None = setting(None, "default: max(batch size, 500)", AUGMENT)
 
@@ -250,8 +257,8 @@ def recipe_settings(name: str) -> dict:
     return dict(RECIPES[name]["settings"], recipe=name)
 
 
-def parse_milestones(text: str | list | tuple | None) -> list[float]:
-    """``"50,75"`` or ``"0.5,0.75"`` (or a list) as a list of floats."""
+def parse_milestones(text: str | list | tuple | None, flag: str = "--milestones") -> list[float]:
+    """``"50,75"`` or ``"0.5,0.75"`` (or a list) as a list of floats (``flag`` names it in errors)."""
     if text is None:
         return []
     if isinstance(text, (list, tuple)):
@@ -261,7 +268,7 @@ def parse_milestones(text: str | list | tuple | None) -> list[float]:
     try:
         return [float(t) for t in items]
     except ValueError:
-        raise ConfigError(f"--milestones must be numbers separated by commas, got {text!r}") from None
+        raise ConfigError(f"{flag} must be numbers separated by commas, got {text!r}") from None
 
 
 def milestone_epochs(config: TrainConfig) -> list[float]:
@@ -326,6 +333,11 @@ def validate(config: TrainConfig) -> None:
     need(c.ema is None or 0 <= c.ema < 1, f"--ema must be a decay in (0, 1), e.g. 0.999 (0: off), got {c.ema}")
     need(c.lookahead is None or 0 <= c.lookahead < 1,
          f"--lookahead must be a decay in (0, 1), e.g. 0.77 (0: off), got {c.lookahead}")
+    if c.low_res is not None:
+        need(is_int(c.low_res) and c.low_res >= 8, f"--low-res must be a side of at least 8 pixels, got {c.low_res!r}")
+        ramp = parse_milestones(c.low_res_ramp, "--low-res-ramp")
+        need(len(ramp) == 2 and 0 <= ramp[0] <= ramp[1] <= 1,
+             f"--low-res-ramp must be two fractions of the run, 0 <= start <= end <= 1, got {c.low_res_ramp!r}")
     need(is_int(c.eval_every) and c.eval_every >= 1, f"--eval-every must be >= 1, got {c.eval_every!r}")
     need(c.eval_batch_size is None or c.eval_batch_size >= 1, "--eval-batch-size must be >= 1")
     need(c.max_minutes is None or c.max_minutes > 0, f"--max-minutes must be positive, got {c.max_minutes}")
@@ -458,6 +470,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> dict[str, argparse.
     return groups
 
 
+_LISTS = ("milestones", "low_res_ramp")  # comma-separated numbers on the command line
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def explicit_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The settings given on the command line (argparse leaves the others None)."""
     values = {}
@@ -466,7 +485,7 @@ def explicit_settings(args: argparse.Namespace) -> dict[str, Any]:
             continue
         value = getattr(args, name, None)
         if value is not None:
-            values[name] = parse_milestones(value) if name == "milestones" else value
+            values[name] = parse_milestones(value, _flag(name)) if name in _LISTS else value
     return values
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from densenet import distributed
-from densenet.augment import Augmenter, epoch_batches
+from densenet.augment import Augmenter, epoch_batches, progressive_side, resize_batch
 from densenet.config import (
     RESUME_FIXED,
     TrainConfig,
@@ -47,6 +47,7 @@ from densenet.config import (
     make_config,
     milestone_epochs,
     model_overrides,
+    parse_milestones,
     validate,
     warmup_epochs,
 )
@@ -202,7 +203,7 @@ SHORTEST_LAST_EPOCH = 0.1  # a fit that would end within the first tenth of an e
 
 def fitting_epochs(budget: float, elapsed: float, seconds_per_step: float, steps_done: int, steps_per_epoch: int,
                    eval_seconds: float, eval_every: int, most: float, least: float = 1.0,
-                   extra_seconds: float = 0.0) -> float:
+                   extra_seconds: float = 0.0, step_cost: Callable[[np.ndarray], np.ndarray] | None = None) -> float:
     """The epochs in all (a whole number of steps, in [least, most]) that fit in ``budget`` seconds.
 
     ``elapsed`` of the budget is spent and ``steps_done`` steps are done (this run's, earlier
@@ -210,11 +211,25 @@ def fitting_epochs(budget: float, elapsed: float, seconds_per_step: float, steps
     ``seconds_per_step`` plus, every ``eval_every`` epochs, an evaluation of ``eval_seconds``;
     ``extra_seconds`` are spent once more at the end (a final evaluation with TTA); ``FIT_MARGIN`` of
     the budget stays unplanned. The last epoch may end within the epoch, though not within its first
-    ``SHORTEST_LAST_EPOCH``.
+    ``SHORTEST_LAST_EPOCH``. ``step_cost`` (progressive resizing) maps the steps' fractions of the run
+    to their cost relative to ``seconds_per_step``; without it every step costs that.
     """
     per_epoch = steps_per_epoch * seconds_per_step + eval_seconds / eval_every
     available = max(0.0, budget * (1 - FIT_MARGIN) - elapsed - extra_seconds)
-    steps = steps_done + math.floor(available / per_epoch * steps_per_epoch)
+    if step_cost is None:
+        steps = steps_done + math.floor(available / per_epoch * steps_per_epoch)
+    else:
+        def needed(total: int) -> float:  # the seconds of steps steps_done .. total - 1 and their evaluations
+            cost = float(np.sum(step_cost(np.arange(steps_done, total) / total)))
+            return seconds_per_step * cost + (total - steps_done) * eval_seconds / eval_every / steps_per_epoch
+
+        low, high = steps_done, max(steps_done, math.ceil(most * steps_per_epoch))
+        if needed(high) <= available:
+            low = high
+        while high - low > 1:  # the most steps that fit: needed() grows with the total
+            middle = (low + high) // 2
+            low, high = (middle, high) if needed(middle) <= available else (low, middle)
+        steps = low
     if steps % steps_per_epoch < steps_per_epoch * SHORTEST_LAST_EPOCH:  # no stub of an epoch at the end
         steps -= steps % steps_per_epoch
     return max(least, min(most, steps / steps_per_epoch))
@@ -263,6 +278,8 @@ class Trainer:
         self.on_step = step_hooks()
         self._tb = None
         self.final_reserve = 0.0  # seconds the final evaluation will take, as far as known (_budget_spent)
+        self.cost_done = 0.0  # this process's optimizer steps, each weighted by its pixels (--low-res: < 1)
+        self.side = None  # the side of the last training batch (--low-res reports its changes)
 
     # process-wide set-up, and the errors a run can end with ---------------------------------------
 
@@ -356,6 +373,9 @@ class Trainer:
             raise ConfigError(
                 f"{len(train_set)} training images are fewer than one batch of {c.batch_size}{per}"
             )
+        self.full_side = int(train_set.images.shape[-1])
+        if c.low_res is not None and c.low_res >= self.full_side:
+            raise ConfigError(f"--low-res {c.low_res} must be below the images' side, {self.full_side}")
 
         self._build(num_classes)
         self.rebased_from = None
@@ -625,7 +645,7 @@ class Trainer:
                 if refit is not None and state.fitted_epochs is not None and state.epoch < c.epochs:
                     besides_seconds += time.monotonic() - epoch_started - outcome.seconds_this_run
                     epochs_here += 1
-                    self._refit(budget, train_seconds, trained_images, besides_seconds / epochs_here, most=refit)
+                    self._refit(budget, train_seconds, besides_seconds / epochs_here, most=refit)
                 reason = stop.name if stop.signum is not None else ""
                 if not reason and self._budget_spent(budget) and state.epoch < c.epochs:
                     reason = "time budget"
@@ -668,10 +688,11 @@ class Trainer:
             first, last = FIT_STEPS
             step = global_step - base
             if step == first:
-                started["time"] = time.monotonic()
+                started["time"], started["cost"] = time.monotonic(), self.cost_done
             if step != last or "time" not in started:
                 return
-            (per_step,) = dist.max([(time.monotonic() - started["time"]) / (last - first)])
+            # a full-size step's time (--low-res: the timed steps may be smaller ones)
+            (per_step,) = dist.max([(time.monotonic() - started["time"]) / (self.cost_done - started["cost"])])
             (elapsed,) = dist.max([time.monotonic() - self.t0])
             # an evaluation, not yet timed, at EVAL_COST of a training step per image
             images = sum(len(ds) for ds in self.data.values() if ds is not self.data["train"])
@@ -680,29 +701,30 @@ class Trainer:
             # never fewer epochs than the warm-up needs or than this run is already in (a tiny epoch)
             least = max(math.floor(warmup_epochs(c)) + 1, self.state.epoch + 1)
             epochs = fitting_epochs(budget, elapsed, per_step, global_step, self.steps_per_epoch, views * evaluation,
-                                    c.eval_every, most=max(c.epochs, least), least=least, extra_seconds=extra * evaluation)
+                                    c.eval_every, most=max(c.epochs, least), least=least, extra_seconds=extra * evaluation,
+                                    step_cost=self._step_cost())
             self._say(f"--fit-epochs: {per_step:.3f} s per step over steps {first + 1}-{last}, so {epochs:.2f} of "
                       f"at most {c.epochs} epochs fit in the {budget / 60:g}-minute budget")
             self._set_fitted(epochs)
 
         return fit
 
-    def _refit(self, budget: float, train_seconds: float, trained_images: int, besides: float, most: int) -> None:
+    def _refit(self, budget: float, train_seconds: float, besides: float, most: int) -> None:
         """--fit-epochs after an epoch: fit the epochs again from this process's measured times so far
-        (``train_seconds`` for ``trained_images``; ``besides``: an epoch's evaluation, checkpoint and
+        (``train_seconds`` for the steps of ``cost_done``; ``besides``: an epoch's evaluation, checkpoint and
         plot on average, evaluated or not, which is near enough for --eval-every 1 or every few)."""
-        c, dist, row = self.config, self.dist, self.state.history[-1]
-        steps = round(trained_images / c.batch_size)
-        if not steps:
+        dist, row = self.dist, self.state.history[-1]
+        if not self.cost_done:
             return
-        (per_step,) = dist.max([train_seconds / steps])
+        (per_step,) = dist.max([train_seconds / self.cost_done])  # a full-size step's time
         (elapsed,) = dist.max([time.monotonic() - self.t0])
         (overhead,) = dist.max([besides])
         views, extra = self._eval_views()
         one_view = row["eval_seconds"] / views if row.get("test_acc") is not None else 0.0
         least = (self.state.global_step + 1) / self.steps_per_epoch
         epochs = fitting_epochs(budget, elapsed, per_step, self.state.global_step, self.steps_per_epoch, overhead,
-                                1, most=max(most, least), least=least, extra_seconds=extra * one_view)
+                                1, most=max(most, least), least=least, extra_seconds=extra * one_view,
+                                step_cost=self._step_cost())
         if epochs != self.state.fitted_epochs:
             self._say(f"--fit-epochs: {per_step:.3f} s per step and {overhead:.1f} s besides per epoch after "
                       f"epoch {self.state.epoch}, so {epochs:.2f} epochs in all")
@@ -809,7 +831,28 @@ class Trainer:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(batch_seed(self.config.seed, epoch, step, self.dist.rank))
         x = self.augmenter(self.train_images, generator=generator, train=True, index=idx, epoch=epoch)
-        return x, self.train_labels[idx]
+        side = self._side(self.state.global_step)
+        if side != self.side:
+            if self.side is not None or side != self.full_side:
+                self._say(f"--low-res: training on {side}x{side} batches from step {self.state.global_step + 1}")
+            self.side = side
+        return resize_batch(x, side), self.train_labels[idx]
+
+    def _side(self, global_step: int) -> int:
+        """The side of the training batch for optimizer step ``global_step`` + 1 (--low-res)."""
+        c = self.config
+        if c.low_res is None:
+            return self.full_side
+        ramp = parse_milestones(c.low_res_ramp, "--low-res-ramp")
+        return progressive_side(global_step / self.total_steps(), c.low_res, self.full_side, ramp)
+
+    def _step_cost(self) -> Callable[[np.ndarray], np.ndarray] | None:
+        """--low-res: a step's cost (its pixels over a full-size step's) at fractions of the run."""
+        c = self.config
+        if c.low_res is None:
+            return None
+        ramp, full = parse_milestones(c.low_res_ramp, "--low-res-ramp"), self.full_side
+        return lambda progress: (progressive_side(progress, c.low_res, full, ramp) / full) ** 2
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, check_at: tuple[int, int] | None = None):
         """One optimisation step on (x, y); returns (loss, logits). ``check_at``: (epoch, step) to
@@ -830,6 +873,7 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.state.global_step += 1
+        self.cost_done += (x.shape[-1] / self.full_side) ** 2
         if self.lookahead is not None:
             self.lookahead.step(self.model, self.state.global_step, self.total_steps())
         if self.ema is not None:
