@@ -212,9 +212,12 @@ RECIPES: dict[str, dict] = {
     # densenet-cpu-m (theta=1) in 90 minutes: 89.49% in 27.9 epochs against densenet-cpu-s's 89.29% in 39.8
     # (one run each, sixth and fifth session); in 30 minutes a tie (87.73% both: docs/TRAINING.md); with blocks
     # 1-4-6 instead of 2-3-2 88.93% in 26.0 epochs (eighth session, a slower day)
+    # with progressive resizing from 24x24: 89.86% in 55.9 epochs (twelfth session, a fast day: plain runs
+    # were not repeated that day, docs/TRAINING.md)
     "cpu-90m": _cpu_recipe(90, 120, 3.5, "CPU, <= 90 minutes: the quick recipe with densenet-cpu-m (k=64, no "
                            "compression) and 4-pixel random crops for as many epochs as fit (at most 120; 3.5 "
-                           "warm-up epochs)", model="densenet-cpu-m"),
+                           "warm-up epochs; 24x24 batches in the first half, full size in the last quarter)",
+                           model="densenet-cpu-m", low_res=24),
     "fast": {
         "description": "GPU time-to-accuracy plumbing (untuned): densenet121-cifar, bf16, channels_last, "
         "batch 512, one-cycle to lr 0.8, label smoothing 0.1, EMA 0.999, flip TTA, torch.compile",
