@@ -9,6 +9,11 @@ test set by loading the shipped files back exactly as ``densenet evaluate --weig
 so that command reproduces it. The card also records the run's per-epoch test accuracy and wall
 time (from the run directory's metrics.csv and model.json), and README.md beside the weights
 is the same card for people.
+
+    python scripts/ship_weights.py - densenet-cpu-s-30m --recard --data-dir ../shared/data/cifar10-jpeg
+
+measures a shipped model's accuracies again (e.g. after a new kind of test-time augmentation is
+added to the card) and rewrites its card, the weights unchanged.
 """
 
 from __future__ import annotations
@@ -29,16 +34,24 @@ from densenet.weights import load_model, save_model
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("weights", help="the trained weights (a weights dir or run dir)")
+    p.add_argument("weights", help="the trained weights (a weights dir or run dir); with --recard, unused (-)")
     p.add_argument("name", help="the name users will load it by")
-    p.add_argument("--run-dir", required=True, help="the training run directory (metrics.csv, config.json)")
     p.add_argument("--data-dir", required=True, help="CIFAR-10 to measure the card's accuracy on")
-    p.add_argument("--command", required=True, help="the exact training command")
-    p.add_argument("--machine", required=True, help="the machine it was trained on, in words")
+    p.add_argument("--recard", action="store_true",
+                   help="only measure the shipped model NAME's accuracies again and rewrite its card")
+    p.add_argument("--run-dir", help="the training run directory (metrics.csv, config.json)")
+    p.add_argument("--command", help="the exact training command")
+    p.add_argument("--machine", help="the machine it was trained on, in words")
     p.add_argument("--load", default="", help="the machine's load average during training, in words")
-    p.add_argument("--process-seconds", type=float, required=True,
+    p.add_argument("--process-seconds", type=float,
                    help="wall time of the whole densenet train process (/usr/bin/time), start-up included")
     args = p.parse_args()
+    if args.recard:
+        return recard(args.name, args.data_dir)
+    missing = [f"--{k.replace('_', '-')}" for k in ("run_dir", "command", "machine", "process_seconds")
+               if getattr(args, k) is None]
+    if missing:
+        p.error(f"shipping new weights needs {', '.join(missing)}")
 
     model, meta = load_model(args.weights)
     run = Path(args.run_dir)
@@ -65,33 +78,49 @@ def main() -> int:
         "torch": torch.__version__,
         "tta_in_training": bool(config["config"].get("tta")),
         "final_tta_in_training": bool(config["config"].get("final_tta")),
+        "tta_translate_in_training": bool(config["config"].get("tta_translate")),
         "dataset": "CIFAR-10 (JPEG copy): the 10,000 test images",
         "weights_dtype": "float16",
     }
     half = model.half()
     save_model(out, half, {**meta, "card": card})
     # measure what users will load: the fp16 file, read back as densenet evaluate reads it
+    measure_and_write(out, half, meta, card, args.data_dir)
+    return 0
+
+
+def measure_and_write(out: Path, half: torch.nn.Module, meta: dict, card: dict, data_dir: str) -> None:
+    """Measure the card's accuracies on the fp16 files in ``out`` as ``densenet evaluate --weights NAME``
+    reads them (plain, flip TTA, 6-view flip and translation TTA), then write the card into
+    model.json, the weights' header and README.md."""
     shipped, _ = load_model(out)
-    test = load_dataset(args.data_dir, split="test")
-    plain = evaluate(shipped, test, batch_size=500)
-    flipped = evaluate(shipped, test, batch_size=500, tta=True)
-    card["test_acc"] = round(float(plain["top1"]), 4)
-    card["test_correct"] = int(round(plain["top1"] * len(test)))
-    card["test_acc_tta"] = round(float(flipped["top1"]), 4)
-    card["test_correct_tta"] = int(round(flipped["top1"] * len(test)))
+    test = load_dataset(data_dir, split="test")
+    for suffix, options in (("", {}), ("_tta", dict(tta=True)), ("_tta_translate", dict(tta_translate=True))):
+        top1 = float(evaluate(shipped, test, batch_size=500, **options)["top1"])
+        card["test_acc" + suffix] = round(top1, 4)
+        card["test_correct" + suffix] = int(round(top1 * len(test)))
     card["test_images"] = len(test)
     save_model(out, half, {**meta, "card": card})
     sha = json.loads((out / "model.json").read_text())["sha256"]
     (out / "README.md").write_text(render_card(card, sha))
-    print(f"{args.name}: {100 * card['test_acc']:.2f}% ({100 * card['test_acc_tta']:.2f}% with flip TTA) "
-          f"on {len(test)} test images; {out}")
+    print(f"{card['name']}: {100 * card['test_acc']:.2f}% ({100 * card['test_acc_tta']:.2f}% with flip TTA, "
+          f"{100 * card['test_acc_tta_translate']:.2f}% with 6 views) on {len(test)} test images; {out}")
+
+
+def recard(name: str, data_dir: str) -> int:
+    """Measure a shipped model's card accuracies again (after a new kind of evaluation is added),
+    leaving its weights and the rest of its card as they are."""
+    out = PRETRAINED_DIR / name
+    model, meta = load_model(out)
+    measure_and_write(out, model.half(), meta, dict(meta["card"]), data_dir)
     return 0
 
 
 def tta_note(card: dict) -> str:
+    kind = "6-view TTA" if card.get("tta_translate_in_training") else "flip TTA"
     if card.get("tta_in_training"):
-        return ", with flip TTA as the run evaluated"
-    return ", the last with flip TTA as the run evaluated" if card.get("final_tta_in_training") else ""
+        return f", with {kind} as the run evaluated"
+    return f", the last with {kind} as the run evaluated" if card.get("final_tta_in_training") else ""
 
 
 def epochs_text(card: dict) -> str:
@@ -114,6 +143,7 @@ A DenseNet trained on the CPU by this project, shipped inside the package. Load 
 |---|---|
 | test top-1 | **{100 * card['test_acc']:.2f}%** ({card['test_correct']:,} of {card['test_images']:,}): `densenet evaluate --weights {card['name']}` |
 | with flip TTA | **{100 * card['test_acc_tta']:.2f}%** ({card['test_correct_tta']:,}): `densenet evaluate --weights {card['name']} --tta` |
+| with 6-view TTA (flip and translation) | **{100 * card['test_acc_tta_translate']:.2f}%** ({card['test_correct_tta_translate']:,}): `densenet evaluate --weights {card['name']} --tta-translate` |
 | data | {card['dataset']} |
 | recipe | `{card['recipe']}` |
 | command | `{card['command']}` |

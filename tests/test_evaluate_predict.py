@@ -84,6 +84,31 @@ def test_evaluate_matches_a_direct_computation(trained, tta):
     assert result["top1"] > 0.5  # two epochs on coloured noise learn something (chance: 1/3)
 
 
+def test_translation_tta_averages_six_views(trained):
+    """--tta-translate: half the mirror pair, half the mirror pairs of the image moved one pixel each
+    way along the diagonal (edges reflected), against a reference built with numpy's padding."""
+    data, weights, _ = trained
+    model, meta = load_model(weights)
+    test = load_dataset(data, split="test")
+    mean = np.array(meta["mean"], dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.array(meta["std"], dtype=np.float32).reshape(1, 3, 1, 1)
+    x = (test.images.numpy().astype(np.float32) / 255 - mean) / std
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
+    down_right, up_left = padded[:, :, :-2, :-2], padded[:, :, 2:, 2:]
+    assert np.array_equal(down_right[:, :, 1:, 1:], x[:, :, :-1, :-1])  # the content moved by one pixel
+    with torch.no_grad():
+        pair = [0.5 * (model(v) + model(v.flip(3))) for v in map(torch.from_numpy, (x, down_right.copy(), up_left.copy()))]
+    logits = 0.5 * pair[0] + 0.25 * (pair[1] + pair[2])
+    result = evaluate(model, test, batch_size=7, tta_translate=True)
+    assert result["tta"] is True and result["tta_translate"] is True
+    assert result["loss"] == pytest.approx(F.cross_entropy(logits, test.labels).item(), rel=1e-4)
+    predicted = logits.argmax(1)
+    expected = torch.bincount(test.labels * 3 + predicted, minlength=9).view(3, 3)
+    assert torch.equal(torch.tensor(result["confusion"]), expected)
+    # the mirror pair alone differs from it (the moved views count)
+    assert result["loss"] != pytest.approx(evaluate(model, test, batch_size=7, tta=True)["loss"], rel=1e-6)
+
+
 def test_evaluate_cli_json_and_files(trained, tmp_path, capsys):
     data, weights, run = trained
     out = tmp_path / "out"

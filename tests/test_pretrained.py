@@ -29,8 +29,8 @@ def test_models_are_shipped_with_complete_cards():
     assert len(SHIPPED) >= 2
     for name in SHIPPED:
         card = pretrained_card(name)
-        for key in ("recipe", "command", "epochs", "test_acc", "test_acc_tta", "wall_seconds", "machine",
-                    "test_acc_per_epoch", "parameters"):
+        for key in ("recipe", "command", "epochs", "test_acc", "test_acc_tta", "test_acc_tta_translate",
+                    "wall_seconds", "machine", "test_acc_per_epoch", "parameters"):
             assert card.get(key) is not None, (name, key)
         assert card["command"].startswith("densenet train")
         meta = json.loads((PRETRAINED_DIR / name / "model.json").read_text())
@@ -126,6 +126,10 @@ def test_evaluate_by_name_reproduces_the_card_exactly(name, capsys, tmp_path, mo
     result = json.loads(capsys.readouterr().out)
     assert result["num_samples"] == card["test_images"] == 10_000
     assert round(result["top1"] * result["num_samples"]) == card["test_correct"]
+    # and with the 6-view test-time augmentation the CPU recipes' final evaluation may use
+    assert main(["evaluate", "--weights", name, "--data-dir", DATA, "--json", "--tta-translate"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tta_translate"] and round(result["top1"] * 10_000) == card["test_correct_tta_translate"]
 
 
 def test_whitened_stem_decorrelates_patches():

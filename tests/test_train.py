@@ -564,11 +564,12 @@ def test_fit_epochs_fits_within_an_epoch_refits_and_a_resume_keeps_them(tiny_dat
 
 
 def test_final_tta_evaluates_the_mirror_only_at_the_end(tiny_data, tmp_path, monkeypatch):
-    seen = []
+    seen, translated = [], []
     real = TR.evaluate
 
     def spy(*args, **kwargs):
         seen.append(kwargs["tta"])
+        translated.append(kwargs["tta_translate"])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(TR, "evaluate", spy)
@@ -577,6 +578,15 @@ def test_final_tta_evaluates_the_mirror_only_at_the_end(tiny_data, tmp_path, mon
     seen.clear()
     TR.train(tiny_config(tiny_data, tmp_path / "every", epochs=2, tta=True, final_tta=True))
     assert seen == [True, True]
+    seen.clear()
+    translated.clear()
+    TR.train(tiny_config(tiny_data, tmp_path / "translate", epochs=2, final_tta=True, tta_translate=True))
+    assert seen == [False, True] and translated == [False, True]
+
+
+def test_translation_tta_needs_tta(tiny_data, tmp_path):
+    with pytest.raises(ConfigError, match="--tta-translate needs --tta or --final-tta"):
+        TR.train(tiny_config(tiny_data, tmp_path / "run", epochs=1, tta_translate=True))
 
 
 def test_resume_auto_without_checkpoint_starts_afresh_and_checks_settings(tiny_data, tmp_path):

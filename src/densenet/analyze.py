@@ -35,11 +35,14 @@ def format_model_list(rows: list[dict[str, Any]]) -> str:
     shipped = pretrained_names()
     if shipped:
         lines += ["", "Trained weights shipped with the package (--weights NAME in predict, evaluate, export, analyze):",
-                  f"{'name':<22}{'test top-1':>11}{'flip TTA':>10}{'epochs':>8}{'train time':>12}  recipe, machine"]
+                  f"{'name':<22}{'test top-1':>11}{'flip TTA':>10}{'6 views':>9}{'epochs':>8}{'train time':>12}"
+                  "  recipe, machine"]
         for name in shipped:
             card = pretrained_card(name)
+            six = card.get("test_acc_tta_translate")
             lines.append(f"{name:<22}{100 * card['test_acc']:>10.2f}%{100 * card['test_acc_tta']:>9.2f}%"
-                         f"{round(card.get('fitted_epochs') or card['epochs'], 2):>8g}"
+                         + (f"{100 * six:>8.2f}%" if six is not None else f"{'-':>9}")
+                         + f"{round(card.get('fitted_epochs') or card['epochs'], 2):>8g}"
                          f"{card['wall_seconds'] / 60:>9.1f} min  {card['recipe']}, "
                          f"{card['machine']}")
     return "\n".join(lines)

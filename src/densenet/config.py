@@ -119,6 +119,9 @@ class TrainConfig:
     tta: bool = setting(False, "flip test-time augmentation in every evaluation", AUGMENT)
     final_tta: bool = setting(False, "flip test-time augmentation in the final evaluation only (the per-epoch "
                               "ones without)", AUGMENT)
+    tta_translate: bool = setting(False, "with --tta or --final-tta: 6 views instead of 2, the mirror pair plus the "
+                                  "mirror pairs of the image moved one pixel down-right and one up-left (the "
+                                  "pair and the moved pairs weighted equally)", AUGMENT)
     low_res: int | None = setting(None, "progressive resizing: train on batches scaled down to this side (e.g. 24) "
                                   "until the first fraction of --low-res-ramp, then on sides growing in steps of 4 "
                                   "pixels to the full side at its second; --fit-epochs counts the cheaper steps "
@@ -327,6 +330,7 @@ def validate(config: TrainConfig) -> None:
     need(0 <= c.dropout < 1, f"--dropout must be in [0, 1), got {c.dropout}")
     need(is_int(c.crop_padding) and c.crop_padding >= 0, f"--crop-padding must be >= 0, got {c.crop_padding!r}")
     need(c.flip or not c.alternate_flip, "--alternate-flip needs --flip")
+    need(c.tta or c.final_tta or not c.tta_translate, "--tta-translate needs --tta or --final-tta")
     need(is_int(c.cutout) and c.cutout >= 0, f"--cutout must be >= 0, got {c.cutout!r}")
     need(c.color_jitter >= 0, f"--color-jitter must be >= 0, got {c.color_jitter}")
     need(is_int(c.val_split) and c.val_split >= 0, f"--val-split must be >= 0, got {c.val_split!r}")

@@ -266,7 +266,8 @@ def shard_dataset(dataset, rank: int, world_size: int):
     return dataclasses.replace(dataset, images=dataset.images[idx], labels=dataset.labels[idx])
 
 
-def reduce_evaluation(context: Context, result: dict | None, classes: list[str], tta: bool = False) -> dict:
+def reduce_evaluation(context: Context, result: dict | None, classes: list[str], tta: bool = False,
+                      tta_translate: bool = False) -> dict:
     """Combine each process's :func:`densenet.inference.evaluate` result of its own share.
 
     ``result`` is None for a process whose share is empty. Counts (images, top-1 via the
@@ -293,6 +294,7 @@ def reduce_evaluation(context: Context, result: dict | None, classes: list[str],
         "top1": sum(correct) / n,
         "top5": top5 / n,
         "tta": bool(tta),
+        "tta_translate": bool(tta_translate),
         "classes": list(classes),
         "per_class": [
             {"class": c, "total": t, "correct": r, "accuracy": (r / t if t else None)}

@@ -29,6 +29,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split", choices=("test", "val"), default="test",
                         help="test set, or the validation hold-out the model was trained with")
     parser.add_argument("--tta", action="store_true", help="average the predictions of each image and its mirror")
+    parser.add_argument("--tta-translate", action="store_true",
+                        help="6-view TTA: the mirror pair plus the mirror pairs of the image moved one pixel "
+                        "down-right and one up-left (implies --tta)")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast precision")
@@ -53,7 +56,7 @@ def run(args) -> int:
         image_size=int(meta.get("input_size", 32)),
     )
     dataset = align_classes(dataset, meta["classes"])
-    result = evaluate(model, dataset, batch_size=args.batch_size, tta=args.tta, device=device, amp=args.amp)
+    result = evaluate(model, dataset, batch_size=args.batch_size, tta=args.tta, tta_translate=args.tta_translate, device=device, amp=args.amp)
     result["weights"] = str(args.weights)
     result["split"] = args.split
     result["data"] = str(dataset.root)
@@ -83,7 +86,8 @@ def format_report(result: dict) -> str:
     """A human-readable summary: totals, then one line per class."""
     lines = [
         f"{result.get('split', 'split')}: {result['num_samples']} images"
-        + (" (flip TTA)" if result.get("tta") else ""),
+        + (" (6-view flip and translation TTA)" if result.get("tta_translate")
+           else " (flip TTA)" if result.get("tta") else ""),
         f"loss   {result['loss']:.4f}",
         f"top-1  {100 * result['top1']:.2f}%",
         f"top-5  {100 * result['top5']:.2f}%",

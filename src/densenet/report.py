@@ -92,7 +92,8 @@ def _evaluate_run(run: dict[str, Any], data_dir: str | None, device: str) -> tup
         dataset = load_dataset(data_dir or settings.get("data_dir"), name=settings.get("dataset", "cifar10"),
                                split="test", image_size=int(meta.get("input_size", 32)))
         dataset = align_classes(dataset, meta["classes"])
-        result = evaluate(model, dataset, batch_size=500, device=device, tta=bool(settings.get("tta")))
+        result = evaluate(model, dataset, batch_size=500, device=device, tta=bool(settings.get("tta")),
+                          tta_translate=bool(settings.get("tta") and settings.get("tta_translate")))
     except DenseNetError as exc:
         return None, f"not evaluated: {exc}"
     return result, f"evaluated now on {len(dataset):,} test images of {dataset.root}"

@@ -54,7 +54,7 @@ from densenet.config import (
 from densenet.data import load_splits
 from densenet.errors import ConfigError, DenseNetError, ResourceError, TrainingError
 from densenet.files import remove_stale_temporaries
-from densenet.inference import evaluate
+from densenet.inference import evaluate, tta_views
 from densenet.lookahead import Lookahead
 from densenet.models import whiten_stem
 from densenet.plots import plot_curves
@@ -737,9 +737,11 @@ class Trainer:
         return budget is not None and time.monotonic() - self.t0 > budget - self.final_reserve
 
     def _eval_views(self) -> tuple[int, int]:
-        """The views of each evaluation (2 with --tta) and the extra ones of the final (1 with --final-tta)."""
+        """The views of each evaluation (2 with --tta, 6 with --tta-translate too) and the extra ones of the
+        final (1 or 5 with --final-tta)."""
         c = self.config
-        return (2, 0) if c.tta else (1, 1 if c.final_tta else 0)
+        views = tta_views(True, c.tta_translate)
+        return (views, 0) if c.tta else (1, views - 1 if c.final_tta else 0)
 
     def _set_fitted(self, epochs: float) -> None:
         self.config.epochs = math.ceil(epochs)
@@ -951,12 +953,13 @@ class Trainer:
         if len(share):
             result = evaluate(
                 model, share, batch_size=c.eval_batch_size or max(c.batch_size, 500),
-                tta=tta, device=self.device, mean=self.augmenter.mean, std=self.augmenter.std, amp=c.amp,
+                tta=tta, tta_translate=tta and c.tta_translate, device=self.device, mean=self.augmenter.mean, std=self.augmenter.std, amp=c.amp,
                 channels_last=c.channels_last,
             )
         if not self.dist.distributed:
             return result
-        return distributed.reduce_evaluation(self.dist, result, list(share.classes), tta=tta)
+        return distributed.reduce_evaluation(self.dist, result, list(share.classes), tta=tta,
+                                             tta_translate=tta and c.tta_translate)
 
     def _finish(self, stop_reason: str, mid_epoch: bool) -> float:
         """Write the final weights (run directory and weights directory); return their test accuracy."""
