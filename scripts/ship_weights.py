@@ -13,7 +13,9 @@ is the same card for people.
     python scripts/ship_weights.py - densenet-cpu-s-30m --recard --data-dir ../shared/data/cifar10-jpeg
 
 measures a shipped model's accuracies again (e.g. after a new kind of test-time augmentation is
-added to the card) and rewrites its card, the weights unchanged.
+added to the card) and rewrites its card, the weights unchanged; with ``--command`` it also
+replaces the card's training command (when a recipe has changed since the run, so that the
+command still trains what ships).
 """
 
 from __future__ import annotations
@@ -40,14 +42,14 @@ def main() -> int:
     p.add_argument("--recard", action="store_true",
                    help="only measure the shipped model NAME's accuracies again and rewrite its card")
     p.add_argument("--run-dir", help="the training run directory (metrics.csv, config.json)")
-    p.add_argument("--command", help="the exact training command")
+    p.add_argument("--command", help="the exact training command (with --recard: a new one for the card)")
     p.add_argument("--machine", help="the machine it was trained on, in words")
     p.add_argument("--load", default="", help="the machine's load average during training, in words")
     p.add_argument("--process-seconds", type=float,
                    help="wall time of the whole densenet train process (/usr/bin/time), start-up included")
     args = p.parse_args()
     if args.recard:
-        return recard(args.name, args.data_dir)
+        return recard(args.name, args.data_dir, args.command)
     missing = [f"--{k.replace('_', '-')}" for k in ("run_dir", "command", "machine", "process_seconds")
                if getattr(args, k) is None]
     if missing:
@@ -107,12 +109,15 @@ def measure_and_write(out: Path, half: torch.nn.Module, meta: dict, card: dict, 
           f"{100 * card['test_acc_tta_translate']:.2f}% with 6 views) on {len(test)} test images; {out}")
 
 
-def recard(name: str, data_dir: str) -> int:
+def recard(name: str, data_dir: str, command: str | None = None) -> int:
     """Measure a shipped model's card accuracies again (after a new kind of evaluation is added),
-    leaving its weights and the rest of its card as they are."""
+    leaving its weights and the rest of its card (but for a new ``command``) as they are."""
     out = PRETRAINED_DIR / name
     model, meta = load_model(out)
-    measure_and_write(out, model.half(), meta, dict(meta["card"]), data_dir)
+    card = dict(meta["card"])
+    if command:
+        card["command"] = command
+    measure_and_write(out, model.half(), meta, card, data_dir)
     return 0
 
 

@@ -6,6 +6,7 @@ trains on the real JPEG copy of CIFAR-10 when $DENSENET_DATA is set.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from densenet import config as C
 from densenet import trainer as TR
 from densenet.errors import ConfigError, DenseNetError, ResourceError, TrainingError
 from densenet.registry import create_model
+from densenet.runtime import fast_amp
 from densenet.weights import load_checkpoint, load_model
 from helpers import coloured_image_folder
 
@@ -209,6 +211,30 @@ def test_run_directory_and_weights(tiny_data, tmp_path):
     # selection by validation accuracy
     best = max(rows, key=lambda r: r["val_acc"])
     assert result.best_epoch == best["epoch"]
+
+
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "no-amx"])
+def test_amp_auto_is_bf16_only_on_a_cpu_with_amx_and_is_recorded_as_run(tiny_data, tmp_path, monkeypatch, amx):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert fast_amp(torch.device("cpu")) == ("bf16" if amx else "none")
+    seen = []
+    real = TR.autocast
+    monkeypatch.setattr(TR, "autocast", lambda device, amp: seen.append(amp) or real(device, amp))
+    out = tmp_path / "run"
+    result = TR.train(tiny_config(tiny_data, out, epochs=1, amp="auto"))
+    assert result.stop_reason == "completed"
+    expected = "bf16" if amx else "none"
+    assert seen and set(seen) == {expected}  # every training step ran under the resolved precision
+    assert json.loads((out / "config.json").read_text())["config"]["amp"] == expected
+    assert state(out / "checkpoint-last.pt")["config"]["amp"] == expected
+
+
+def test_low_res_0_turns_off_a_recipe_s_progressive_resizing():
+    parser = argparse.ArgumentParser()
+    T.add_arguments(parser)
+    assert T.config_from_args(parser.parse_args(["--recipe", "cpu-90m"])).low_res == 24
+    config = T.config_from_args(parser.parse_args(["--recipe", "cpu-90m", "--low-res", "0"]))
+    assert not config.low_res and C.validate(config) is None
 
 
 def test_lookahead_run_ends_on_the_slow_weights(tiny_data, tmp_path):

@@ -60,7 +60,7 @@ from densenet.models import whiten_stem
 from densenet.plots import plot_curves
 from densenet.registry import create_model
 from densenet.rundir import RunDir, default_out_dir, find_resume_checkpoint
-from densenet.runtime import autocast, environment, peak_memory_mb
+from densenet.runtime import autocast, environment, fast_amp, peak_memory_mb
 from densenet.weights import load_checkpoint, make_meta, plain_state_dict, save_checkpoint, save_model
 
 __all__ = ["train", "Trainer", "TrainResult", "RunState", "EpochSums", "StopRequest", "SIGTERM_AFTER_STEP_ENV",
@@ -291,6 +291,9 @@ class Trainer:
             # under torchrun: join the process group; the device is cuda:LOCAL_RANK or the CPU
             self.dist = distributed.setup(c.device, c.dist_timeout)
             self.device = self.dist.device
+            if c.amp == "auto":  # resolved once, so that config.json and the checkpoint say what ran
+                self.config = c = dataclasses.replace(c, amp=fast_amp(self.device))
+                self._say(f"--amp auto: {c.amp} on {self.device}")
             if c.threads:
                 torch.set_num_threads(c.threads)
             if self.device.type == "cpu":
@@ -374,7 +377,7 @@ class Trainer:
                 f"{len(train_set)} training images are fewer than one batch of {c.batch_size}{per}"
             )
         self.full_side = int(train_set.images.shape[-1])
-        if c.low_res is not None and c.low_res >= self.full_side:
+        if c.low_res and c.low_res >= self.full_side:
             raise ConfigError(f"--low-res {c.low_res} must be below the images' side, {self.full_side}")
 
         self._build(num_classes)
@@ -843,7 +846,7 @@ class Trainer:
     def _side(self, global_step: int) -> int:
         """The side of the training batch for optimizer step ``global_step`` + 1 (--low-res)."""
         c = self.config
-        if c.low_res is None:
+        if not c.low_res:
             return self.full_side
         ramp = parse_milestones(c.low_res_ramp, "--low-res-ramp")
         return progressive_side(global_step / self.total_steps(), c.low_res, self.full_side, ramp)
@@ -851,7 +854,7 @@ class Trainer:
     def _step_cost(self) -> Callable[[np.ndarray], np.ndarray] | None:
         """--low-res: a step's cost (its pixels over a full-size step's) at fractions of the run."""
         c = self.config
-        if c.low_res is None:
+        if not c.low_res:
             return None
         ramp, full = parse_milestones(c.low_res_ramp, "--low-res-ramp"), self.full_side
         return lambda progress: (progressive_side(progress, c.low_res, full, ramp) / full) ** 2
