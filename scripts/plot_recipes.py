@@ -1,6 +1,6 @@
 """Test accuracy against wall-clock minutes for measured training runs, one line per run.
 
-    .venv/bin/python scripts/plot_recipes.py runs/quick densenet-cpu-s-30m --out docs/cpu_recipes.png
+    .venv/bin/python scripts/plot_recipes.py densenet-cpu-k96-10m densenet-cpu-m-30m densenet-cpu-m-90m --out docs/cpu_recipes.png
 
 Each argument is a run directory or the name of a shipped model. A run directory gives its
 metrics.csv (``elapsed_seconds`` is the wall time from the start of training to the end of that
@@ -23,8 +23,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from densenet.pretrained import pretrained_card, pretrained_names  # noqa: E402
 
 
-def _tta_label(every: bool | None, final: bool | None) -> str:
-    return " (flip TTA)" if every else " (last point with flip TTA)" if final else ""
+def _tta_label(every: bool | None, final: bool | None, translate: bool | None = False) -> str:
+    kind = "6-view TTA" if translate else "flip TTA"
+    return f" ({kind})" if every else f" (last point with {kind})" if final else ""
 
 
 def curve(run: str) -> tuple[str, float, list[float], list[float]]:
@@ -32,13 +33,14 @@ def curve(run: str) -> tuple[str, float, list[float], list[float]]:
     the end of each epoch's evaluation; test accuracy of each epoch)."""
     if not Path(run).is_dir() and run in pretrained_names():
         card = pretrained_card(run)
-        tta = _tta_label(card.get("tta_in_training"), card.get("final_tta_in_training"))
+        tta = _tta_label(card.get("tta_in_training"), card.get("final_tta_in_training"),
+                         card.get("tta_translate_in_training"))
         return (card["recipe"] + tta, card["images_per_second"], card["elapsed_seconds_per_epoch"],
                 card["test_acc_per_epoch"])
     rows = [r for r in csv.DictReader((Path(run) / "metrics.csv").open()) if r.get("test_acc")]
     config = json.loads((Path(run) / "config.json").read_text())["config"]
     speed = sum(float(r["images_per_second"]) for r in rows) / max(len(rows), 1)
-    tta = _tta_label(config.get("tta"), config.get("final_tta"))
+    tta = _tta_label(config.get("tta"), config.get("final_tta"), config.get("tta_translate"))
     return ((config.get("recipe") or Path(run).name) + tta, speed, [float(r["elapsed_seconds"]) for r in rows],
             [float(r["test_acc"]) for r in rows])
 
