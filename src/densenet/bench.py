@@ -38,6 +38,7 @@ from densenet.runtime import (
     autocast,
     cpu_name,
     current_rss_mb,
+    fast_amp,
     peak_rss_mb,
     resolve_device,
     set_malloc_policy,
@@ -59,8 +60,7 @@ def auto_settings(device: torch.device) -> dict[str, Any]:
     torch.compile is never automatic: it costs tens of seconds to minutes before the first step.
     """
     if device.type == "cuda":
-        amp = "bf16" if torch.cuda.is_bf16_supported() else "none"
-        return {"amp": amp, "channels_last": True, "optimized": True, "compile": False}
+        return {"amp": fast_amp(device), "channels_last": True, "optimized": True, "compile": False}
     return {"amp": "none", "channels_last": True, "optimized": True, "compile": False}
 
 
