@@ -31,6 +31,7 @@ import torch
 from densenet.data import load_dataset
 from densenet.inference import evaluate
 from densenet.pretrained import PRETRAINED_DIR
+from densenet.registry import create_model
 from densenet.weights import load_model, save_model
 
 
@@ -45,6 +46,8 @@ def main() -> int:
     p.add_argument("--command", help="the exact training command (with --recard: a new one for the card)")
     p.add_argument("--machine", help="the machine it was trained on, in words")
     p.add_argument("--load", default="", help="the machine's load average during training, in words")
+    p.add_argument("--arch-name", help="the registered name of the trained architecture, when the run built it "
+                   "as another model with --model-kwargs (checked to be the same architecture)")
     p.add_argument("--process-seconds", type=float,
                    help="wall time of the whole densenet train process (/usr/bin/time), start-up included")
     args = p.parse_args()
@@ -56,6 +59,11 @@ def main() -> int:
         p.error(f"shipping new weights needs {', '.join(missing)}")
 
     model, meta = load_model(args.weights)
+    if args.arch_name:
+        registered = create_model(args.arch_name, num_classes=model.config["num_classes"]).config
+        if json.dumps({**model.config, "name": args.arch_name}, sort_keys=True) != json.dumps(registered, sort_keys=True):
+            p.error(f"--arch-name {args.arch_name}: the trained model is not that architecture")
+        model.config["name"] = args.arch_name
     run = Path(args.run_dir)
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     config = json.loads((run / "config.json").read_text())
