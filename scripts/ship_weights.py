@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from densenet.data import load_dataset
+from densenet.errors import ConfigError
 from densenet.inference import evaluate
 from densenet.pretrained import PRETRAINED_DIR
 from densenet.registry import create_model
@@ -60,7 +61,10 @@ def main() -> int:
 
     model, meta = load_model(args.weights)
     if args.arch_name:
-        registered = create_model(args.arch_name, num_classes=model.config["num_classes"]).config
+        try:
+            registered = create_model(args.arch_name, num_classes=model.config["num_classes"]).config
+        except ConfigError as e:
+            p.error(f"--arch-name: {e}")
         if json.dumps({**model.config, "name": args.arch_name}, sort_keys=True) != json.dumps(registered, sort_keys=True):
             p.error(f"--arch-name {args.arch_name}: the trained model is not that architecture")
         model.config["name"] = args.arch_name
