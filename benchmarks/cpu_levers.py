@@ -228,7 +228,7 @@ def main() -> None:
     if args.part == "speed":
         for name in args.models.split(","):
             for amp, cl, comp in [("none", True, False), ("none", False, False), ("bf16", True, False)] + (
-                    [("none", True, True)] if args.compile else []):
+                    [("none", True, True), ("bf16", True, True)] if args.compile else []):
                 print(json.dumps(step_speed(name, args.batch, amp, cl, comp)), flush=True)
         return
 

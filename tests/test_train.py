@@ -377,12 +377,24 @@ def test_training_options_learn_and_resume_exactly(tiny_data, tmp_path, monkeypa
 
 
 def test_compiled_memory_efficient_training_learns(tiny_data, tmp_path):
-    result = TR.train(tiny_config(tiny_data, tmp_path / "run", epochs=2, compile=True, memory_efficient=True))
+    # with progressive resizing, as the CPU recipes compile it: one graph per side, 24, 28 and 32 pixels
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    result = TR.train(tiny_config(tiny_data, tmp_path / "run", epochs=2, compile=True, memory_efficient=True,
+                                  low_res=24, low_res_ramp=[0.25, 0.5]))
     assert result.stop_reason == "completed"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
     assert result.history[-1]["train_loss"] < math.log(3) and result.final_test_acc > 0.5
     model, meta = load_model(tmp_path / "run")  # the plain model's weights, no compile wrapper keys
     assert meta["config"]["memory_efficient"] is True
     assert not any(k.startswith("_orig_mod") for k in model.state_dict())
+
+
+def test_compile_without_a_cpp_compiler_is_a_one_line_error(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(TR.shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match="--compile on the CPU needs a C\\+\\+ compiler .* pass --no-compile"):
+        TR.train(tiny_config(tiny_data, tmp_path / "run", compile=True))
 
 
 def test_sigterm_in_a_subprocess_saves_and_exits_143(tiny_data, tmp_path):

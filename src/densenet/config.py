@@ -212,12 +212,14 @@ RECIPES: dict[str, dict] = {
     # against 88.40% in 18.4 without it and 88.76% in 30.7 from 20x20, the same day (eleventh session)
     # densenet-cpu-m in 30 minutes with bf16 on an AMX CPU: 90.29% in 38.4 epochs (fifteenth session), against
     # densenet-cpu-s's 89.16-89.25% and densenet-cpu-m's 89.27% in float32 (a tie between the two there)
+    # torch.compile (one graph per side of the progressive resizing, about a minute of compiling) on the same
+    # AMX CPU in a slow hour: 90.28% in 36.8 epochs against 89.98% in 29.0 eager (eighteenth session)
     "cpu-30m": _cpu_recipe(30, 40, 1.8, "CPU, <= 30 minutes: the quick recipe with densenet-cpu-m (k=64, no "
                            "compression) for as many epochs as fit (at most 40; 1.8 warm-up epochs), label "
-                           "smoothing 0.2, lookahead 0.77, BatchNorm momentum 0.4, 2-pixel random crops and "
-                           "progressive resizing (24x24 batches in the first half, full size in the last quarter)",
-                           model="densenet-cpu-m", crop_padding=2, label_smoothing=0.2, lookahead=0.77,
-                           bn_momentum=0.4, low_res=24),
+                           "smoothing 0.2, lookahead 0.77, BatchNorm momentum 0.4, 2-pixel random crops, "
+                           "progressive resizing (24x24 batches in the first half, full size in the last quarter) "
+                           "and torch.compile", model="densenet-cpu-m", crop_padding=2, label_smoothing=0.2,
+                           lookahead=0.77, bn_momentum=0.4, low_res=24, compile=True),
     # densenet-cpu-m (theta=1) in 90 minutes: 89.49% in 27.9 epochs against densenet-cpu-s's 89.29% in 39.8
     # (one run each, sixth and fifth session); in 30 minutes a tie (87.73% both: docs/TRAINING.md); with blocks
     # 1-4-6 instead of 2-3-2 88.93% in 26.0 epochs (eighth session, a slower day)
@@ -230,8 +232,9 @@ RECIPES: dict[str, dict] = {
     # (seventeenth session, the same machine)
     "cpu-90m": _cpu_recipe(90, 120, 3.5, "CPU, <= 90 minutes: the cpu-30m recipe with densenet-cpu-l (k=96, no "
                            "compression), 4-pixel random crops and 12-pixel cutout for as many epochs as fit (at "
-                           "most 120; 3.5 warm-up epochs)", model="densenet-cpu-l", label_smoothing=0.2,
-                           lookahead=0.77, bn_momentum=0.4, low_res=24, cutout=12),
+                           "most 120; 3.5 warm-up epochs), without torch.compile (not yet measured there)",
+                           model="densenet-cpu-l", label_smoothing=0.2, lookahead=0.77, bn_momentum=0.4, low_res=24,
+                           cutout=12),
     "fast": {
         "description": "GPU time-to-accuracy plumbing (untuned): densenet121-cifar, bf16, channels_last, "
         "batch 512, one-cycle to lr 0.8, label smoothing 0.1, EMA 0.999, flip TTA, torch.compile",

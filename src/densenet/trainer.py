@@ -24,6 +24,7 @@ import dataclasses
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -267,6 +268,12 @@ def train(config: TrainConfig | dict | None = None, **overrides) -> TrainResult:
     return Trainer(config).run()
 
 
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile would build CPU kernels with, or None where there is none."""
+    names = [os.environ.get("CXX"), "g++", "clang++", "c++"]
+    return next((found for name in names if name and (found := shutil.which(name))), None)
+
+
 class Trainer:
     """One training run of a validated :class:`TrainConfig` (use :func:`train`)."""
 
@@ -446,7 +453,12 @@ class Trainer:
             trained = DistributedDataParallel(self.model, device_ids=device_ids)
             if self.dist.rank:
                 torch.manual_seed(distributed.rank_seed(c.seed, self.dist.rank))  # distinct dropout per process
-        self.train_model = torch.compile(trained) if c.compile else trained
+        # dynamic=False: one specialised graph per input size (progressive resizing has three,
+        # batches are all full) instead of a slower shape-generic graph after the second
+        if c.compile and device.type == "cpu" and not cpp_compiler():
+            raise ConfigError("--compile on the CPU needs a C++ compiler for torch.compile's kernels and none "
+                              "was found ($CXX, g++, clang++, c++): install one or pass --no-compile")
+        self.train_model = torch.compile(trained, dynamic=False) if c.compile else trained
         self.optimizer = torch.optim.SGD(
             parameter_groups(self.model, c), lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
             weight_decay=c.weight_decay,
