@@ -453,11 +453,11 @@ class Trainer:
             trained = DistributedDataParallel(self.model, device_ids=device_ids)
             if self.dist.rank:
                 torch.manual_seed(distributed.rank_seed(c.seed, self.dist.rank))  # distinct dropout per process
-        # dynamic=False: one specialised graph per input size (progressive resizing has three,
-        # batches are all full) instead of a slower shape-generic graph after the second
         if c.compile and device.type == "cpu" and not cpp_compiler():
             raise ConfigError("--compile on the CPU needs a C++ compiler for torch.compile's kernels and none "
                               "was found ($CXX, g++, clang++, c++): install one or pass --no-compile")
+        # dynamic=False: one graph specialised to each input size (progressive resizing has three and the
+        # batches are all full) rather than dynamo's shape-generic graph from the second size on
         self.train_model = torch.compile(trained, dynamic=False) if c.compile else trained
         self.optimizer = torch.optim.SGD(
             parameter_groups(self.model, c), lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
