@@ -213,17 +213,21 @@ def test_run_directory_and_weights(tiny_data, tmp_path):
     assert result.best_epoch == best["epoch"]
 
 
-@pytest.mark.parametrize("amx", [True, False], ids=["amx", "no-amx"])
-def test_amp_auto_is_bf16_only_on_a_cpu_with_amx_and_is_recorded_as_run(tiny_data, tmp_path, monkeypatch, amx):
+@pytest.mark.parametrize("amx,avx512_bf16", [(True, True), (False, True), (False, False)],
+                         ids=["amx", "avx512-bf16", "neither"])
+def test_amp_auto_is_bf16_only_on_a_cpu_with_native_bf16_and_is_recorded_as_run(tiny_data, tmp_path, monkeypatch,
+                                                                                amx, avx512_bf16):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    assert fast_amp(torch.device("cpu")) == ("bf16" if amx else "none")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    native = amx or avx512_bf16
+    assert fast_amp(torch.device("cpu")) == ("bf16" if native else "none")
     seen = []
     real = TR.autocast
     monkeypatch.setattr(TR, "autocast", lambda device, amp: seen.append(amp) or real(device, amp))
     out = tmp_path / "run"
     result = TR.train(tiny_config(tiny_data, out, epochs=1, amp="auto"))
     assert result.stop_reason == "completed"
-    expected = "bf16" if amx else "none"
+    expected = "bf16" if native else "none"
     assert seen and set(seen) == {expected}  # every training step ran under the resolved precision
     assert json.loads((out / "config.json").read_text())["config"]["amp"] == expected
     assert state(out / "checkpoint-last.pt")["config"]["amp"] == expected

@@ -134,7 +134,7 @@ class TrainConfig:
 
     device: str = setting("auto", "auto (CUDA when present), cpu or cuda", HARDWARE)
     amp: str = setting("none", "autocast precision; auto: bf16 on CUDA GPUs that support it and on CPUs with "
-                       "AMX (where it is fast), else none", HARDWARE, choices=AMPS)
+                       "AMX or AVX-512 BF16 (where it is fast), else none", HARDWARE, choices=AMPS)
     channels_last: bool = setting(True, "NHWC memory format for the model", HARDWARE)
     compile: bool = setting(False, "torch.compile the training model", HARDWARE)
     threads: int | None = setting(None, "CPU threads for torch (default: torch's)", HARDWARE)
@@ -204,8 +204,8 @@ RECIPES: dict[str, dict] = {
                          "epochs as fit (--fit-epochs, at most 20), batch 128, one-cycle to lr 0.2 (0.8 warm-up "
                          "epochs), Nesterov, wd 5e-4 (BatchNorm: lr x16, wd /16), label smoothing 0.1, alternating "
                          "flip and no crops, 6-view TTA (mirror and 1-pixel shifts) in the final evaluation, "
-                         "channels_last, bf16 autocast where the CPU has AMX (--amp auto)", crop_padding=0,
-                         model="densenet-cpu-k96"),
+                         "channels_last, bf16 autocast where the CPU computes in bf16 (AMX or AVX-512 BF16: "
+                         "--amp auto)", crop_padding=0, model="densenet-cpu-k96"),
     # cpu-30m: label smoothing 0.2, lookahead and fast BatchNorm statistics (the fast CIFAR trainers' combination)
     # with 2-pixel crops: 87.88% against 87.68-87.73% for every run without all three, and 2-4 points ahead through
     # the middle of the run (ninth session, docs/TRAINING.md); progressive resizing from 24x24: 89.25% in 26.2 epochs

@@ -25,15 +25,19 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def fast_amp(device: torch.device) -> str:
     """What ``--amp auto`` means on ``device``: ``bf16`` where bf16 autocast is fast, else ``none``.
 
-    CUDA GPUs with bf16 support, and CPUs with AMX tiles (Intel Sapphire Rapids and later), where
-    oneDNN runs bf16 convolutions on the matrix units: a training step of densenet-cpu-s or -m took
-    0.54 of the float32 time on this project's 2-core AMX machine. Without AMX, bf16 on the CPU is
-    emulated with AVX-512 and was 7x slower than float32 (docs/TRAINING.md, lever table).
+    CUDA GPUs with bf16 support, and CPUs whose cores compute in bf16 natively: AMX tiles (Intel
+    Sapphire Rapids and later) or the AVX-512 BF16 instructions (AMD Zen 4 and later, Intel Cooper
+    Lake), where oneDNN runs bf16 convolutions. A training step of densenet-cpu-m took 0.54 of the
+    float32 time on this project's 2-core AMX machine and 0.67 on its 2-core AMD Zen 4 machine. On the
+    first sessions' AMD machine, whose flags were not recorded, bf16 was 7x slower than float32
+    (docs/TRAINING.md, lever table).
     """
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "none"
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return "bf16" if device.type == "cpu" and amx is not None and amx() else "none"
+    if device.type != "cpu":
+        return "none"
+    native = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return "bf16" if any(check is not None and check() for check in native) else "none"
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
