@@ -276,6 +276,8 @@ class DenseNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
+        if self.classifier.weight.is_meta:
+            return  # meta tensors hold no values (and their random fills load torch._dynamo, 1.4 s)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
