@@ -76,6 +76,10 @@ def test_evaluate_matches_a_direct_computation(trained, tta):
     predicted = logits.argmax(1)
     assert result["top1"] == pytest.approx((predicted == test.labels).float().mean().item())
     assert result["top5"] == 1.0  # 3 classes
+    # the image alone, also under TTA (its first view): exactly what a plain evaluation reports
+    assert result["single_view_top1"] == (evaluate(model, test, batch_size=7)["top1"] if tta else result["top1"])
+    assert result["single_view_top1"] == pytest.approx((reference_logits(model, test, meta, flip=False).argmax(1)
+                                                        == test.labels).float().mean().item())
     matrix = torch.tensor(result["confusion"])
     expected = torch.bincount(test.labels * 3 + predicted, minlength=9).view(3, 3)
     assert torch.equal(matrix, expected)

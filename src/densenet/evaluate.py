@@ -89,7 +89,8 @@ def format_report(result: dict) -> str:
         + (" (6-view flip and translation TTA)" if result.get("tta_translate")
            else " (flip TTA)" if result.get("tta") else ""),
         f"loss   {result['loss']:.4f}",
-        f"top-1  {100 * result['top1']:.2f}%",
+        f"top-1  {100 * result['top1']:.2f}%"
+        + (f" (single view {100 * result['single_view_top1']:.2f}%)" if result.get("tta") else ""),
         f"top-5  {100 * result['top5']:.2f}%",
         "",
         f"{'class':<16} {'correct':>8} {'total':>7} {'accuracy':>9}",

@@ -235,12 +235,14 @@ def tta_views(tta: bool, translate: bool = False) -> int:
     return (6 if translate else 2) if tta or translate else 1
 
 
-def tta_logits(runner, x: Tensor, translate: bool = False) -> Tensor:
+def tta_logits(runner, x: Tensor, translate: bool = False, plain: Tensor | None = None) -> Tensor:
     """Test-time augmentation of a normalised batch ``x``: the mean of the float32 logits of each
     image and its mirror; with ``translate`` (6 views, the fast CIFAR trainers' multi-view TTA) that
     pair counts half, the other half the mean of two more mirror pairs: the image moved one pixel
-    down-right and one pixel up-left, its edge filled by reflection."""
-    logits = 0.5 * (runner(x).float() + runner(x.flip(3)).float())
+    down-right and one pixel up-left, its edge filled by reflection. ``plain``: ``runner(x).float()``
+    if the caller has it already (it is not computed again)."""
+    plain = runner(x).float() if plain is None else plain
+    logits = 0.5 * (plain + runner(x.flip(3)).float())
     if not translate:
         return logits
     h, w = x.shape[-2:]
@@ -273,6 +275,7 @@ def evaluate(
     ``tta_translate`` (which implies ``tta``) also those of the image moved by a pixel each way
     along the diagonal, and of their mirrors (:func:`tta_logits`, 6 views). Returns a
     dict: ``num_samples``, ``loss`` (mean cross-entropy), ``top1``, ``top5`` (fractions),
+    ``single_view_top1`` (the top-1 of the image alone, which TTA's first view computes anyway),
     ``classes``, ``per_class`` (one dict per class: ``class``, ``total``, ``correct``,
     ``accuracy``) and ``confusion`` (rows: true class, columns: predicted; lists of ints).
     The model's training mode is restored afterwards.
@@ -297,6 +300,7 @@ def evaluate(
     runner = fast_inference_model(model, device, amp)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     top1 = torch.zeros((), dtype=torch.long, device=device)
+    plain_top1 = torch.zeros((), dtype=torch.long, device=device)
     top5 = torch.zeros((), dtype=torch.long, device=device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
     try:
@@ -305,7 +309,8 @@ def evaluate(
             labels = dataset.labels[start : start + batch_size].to(device, non_blocking=True)
             x = normalise(images, train=False)
             with autocast(device, amp):
-                logits = tta_logits(runner, x, tta_translate) if tta else runner(x).float()
+                plain = runner(x).float()
+                logits = tta_logits(runner, x, tta_translate, plain) if tta else plain
             if logits.shape[1] != num_classes:
                 raise ConfigError(
                     f"the model has {logits.shape[1]} outputs but the data has {num_classes} classes"
@@ -314,6 +319,8 @@ def evaluate(
             ranked = logits.topk(k, dim=1).indices
             hits = ranked == labels[:, None]
             top1 += hits[:, 0].sum()
+            # as a plain evaluation would rank it (the same topk), so the two agree exactly
+            plain_top1 += (plain.topk(k, dim=1).indices[:, 0] == labels).sum() if tta else hits[:, 0].sum()
             top5 += hits.any(dim=1).sum()
             confusion += torch.bincount(labels * num_classes + ranked[:, 0], minlength=num_classes**2)
     finally:
@@ -330,6 +337,7 @@ def evaluate(
         "top5": int(top5) / n,
         "tta": tta,
         "tta_translate": bool(tta_translate),
+        "single_view_top1": int(plain_top1) / n,
         "classes": list(dataset.classes),
         "per_class": [
             {"class": c, "total": t, "correct": r, "accuracy": (r / t if t else None)}
