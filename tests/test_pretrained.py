@@ -121,15 +121,14 @@ def test_torch_hub_loads_shipped_models_from_the_checkout():
 def test_evaluate_by_name_reproduces_the_card_exactly(name, capsys, tmp_path, monkeypatch):
     card = pretrained_card(name)
     monkeypatch.chdir(tmp_path)
-    assert main(["evaluate", "--weights", name, "--data-dir", DATA, "--json"]) == 0
+    # with the 6-view test-time augmentation the CPU recipes' final evaluation uses; its first view
+    # is the image alone, so the same pass gives the single-view accuracy too
+    assert main(["evaluate", "--weights", name, "--data-dir", DATA, "--json", "--tta-translate"]) == 0
     assert (tmp_path / f"{name}-evaluation" / "confusion.json").is_file()  # not inside the package
     result = json.loads(capsys.readouterr().out)
     assert result["num_samples"] == card["test_images"] == 10_000
-    assert round(result["top1"] * result["num_samples"]) == card["test_correct"]
-    # and with the 6-view test-time augmentation the CPU recipes' final evaluation may use
-    assert main(["evaluate", "--weights", name, "--data-dir", DATA, "--json", "--tta-translate"]) == 0
-    result = json.loads(capsys.readouterr().out)
     assert result["tta_translate"] and round(result["top1"] * 10_000) == card["test_correct_tta_translate"]
+    assert round(result["single_view_top1"] * 10_000) == card["test_correct"]
 
 
 def test_whitened_stem_decorrelates_patches():
