@@ -139,6 +139,8 @@ def test_bad_arguments_are_config_errors():
         DenseNet(stem="resnet")
     with pytest.raises(ConfigError, match="stem_pool"):
         DenseNet(stem="imagenet", stem_pool=True)
+    with pytest.raises(ConfigError, match="transition_pool"):
+        DenseNet(transition_pool="min")
     with pytest.raises(ConfigError, match="block_config"):
         DenseNet(block_config=())
 

@@ -33,6 +33,8 @@ TINY = {  # small members of the family, so that the tests stay fast on two core
                           stem="imagenet"),
     "tiny-pooled": dict(growth_rate=6, block_config=(2, 2), num_init_features=10, bn_size=0, compression=0.5,
                         num_classes=10, stem="cifar", stem_pool=True),
+    "tiny-maxpool": dict(growth_rate=6, block_config=(2, 2, 2), num_init_features=10, bn_size=0, compression=1.0,
+                         num_classes=10, stem="cifar", transition_pool="max"),
 }
 
 
@@ -60,7 +62,7 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("name,size", [("tiny-bc", 16), ("tiny-basic", 16), ("tiny-imagenet", 40),
-                                       ("tiny-pooled", 16), ("densenet-bc-mini", 32)])
+                                       ("tiny-pooled", 16), ("tiny-maxpool", 16), ("densenet-bc-mini", 32)])
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_optimize_for_inference_matches_eval_model(name, size, channels_last):
     model = calibrated(name, size=size)

@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 STEMS = ("imagenet", "cifar")
+TRANSITION_POOLS = ("avg", "max")
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,14 +174,14 @@ class _DenseBlock(nn.ModuleDict):
 
 
 class _Transition(nn.Sequential):
-    """BN-ReLU-Conv1x1 to ``out_channels``, then 2x2 average pooling (stride 2)."""
+    """BN-ReLU-Conv1x1 to ``out_channels``, then 2x2 pooling (stride 2): average, or max with ``pool="max"``."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, pool: str = "avg") -> None:
         super().__init__(OrderedDict([
             ("norm", nn.BatchNorm2d(in_channels)),
             ("relu", nn.ReLU(inplace=True)),
             ("conv", nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)),
-            ("pool", nn.AvgPool2d(kernel_size=2, stride=2)),
+            ("pool", (nn.MaxPool2d if pool == "max" else nn.AvgPool2d)(kernel_size=2, stride=2)),
         ]))
 
 
@@ -205,6 +206,7 @@ class DenseNet(nn.Module):
         stem_stride: stride of the CIFAR stem convolution (1 as in the paper).
         stem_pool: a 2x2/2 max-pool after the CIFAR stem convolution (``pool0``): the convolution
             sees every pixel position at full resolution and the blocks start at half of it.
+        transition_pool: the transitions' 2x2/2 pooling, ``"avg"`` (the paper's) or ``"max"``.
         memory_efficient: keep only each layer's convolution outputs for backward and recompute
             its concatenation and BN/ReLU maps there (see :meth:`set_memory_efficient`).
 
@@ -223,13 +225,14 @@ class DenseNet(nn.Module):
         stem: str = "imagenet",
         stem_stride: int = 1,
         stem_pool: bool = False,
+        transition_pool: str = "avg",
         memory_efficient: bool = False,
     ) -> None:
         super().__init__()
         bn_size = int(bn_size or 0)
         block_config = [int(n) for n in block_config]
         _check_config(growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
-                      num_classes, stem, stem_stride, stem_pool)
+                      num_classes, stem, stem_stride, stem_pool, transition_pool)
 
         if stem == "imagenet":
             layers = [
@@ -252,7 +255,7 @@ class DenseNet(nn.Module):
             channels += num_layers * growth_rate
             if b < len(block_config):
                 out_channels = math.floor(compression * channels)
-                self.features.add_module(f"transition{b}", _Transition(channels, out_channels))
+                self.features.add_module(f"transition{b}", _Transition(channels, out_channels, transition_pool))
                 channels = out_channels
         self.features.add_module("norm5", nn.BatchNorm2d(channels))
         self.classifier = nn.Linear(channels, num_classes)
@@ -271,6 +274,7 @@ class DenseNet(nn.Module):
             "stem": stem,
             "stem_stride": int(stem_stride),
             "stem_pool": bool(stem_pool),
+            "transition_pool": str(transition_pool),
             "memory_efficient": bool(memory_efficient),
         }
         self._init_weights()
@@ -358,7 +362,7 @@ def whiten_stem(model: nn.Module, images: Tensor, eps: float = 5e-4) -> None:
 
 
 def _check_config(growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
-                  num_classes, stem, stem_stride, stem_pool=False) -> None:
+                  num_classes, stem, stem_stride, stem_pool=False, transition_pool="avg") -> None:
     problems = []
     if int(growth_rate) < 1:
         problems.append(f"growth_rate must be at least 1, got {growth_rate}")
@@ -380,6 +384,8 @@ def _check_config(growth_rate, block_config, num_init_features, bn_size, compres
         problems.append(f"stem_stride must be 1 or more (and 1 for the imagenet stem), got {stem_stride}")
     if stem_pool and stem != "cifar":
         problems.append("stem_pool adds a max-pool to the cifar stem only (the imagenet stem has its own)")
+    if transition_pool not in TRANSITION_POOLS:
+        problems.append(f"transition_pool must be one of {', '.join(TRANSITION_POOLS)}, got {transition_pool!r}")
     if problems:
         raise ConfigError("; ".join(problems))
 
