@@ -141,6 +141,8 @@ def test_bad_arguments_are_config_errors():
         DenseNet(stem="imagenet", stem_pool=True)
     with pytest.raises(ConfigError, match="transition_pool"):
         DenseNet(transition_pool="min")
+    with pytest.raises(ConfigError, match="activation"):
+        DenseNet(activation="tanh")
     with pytest.raises(ConfigError, match="block_config"):
         DenseNet(block_config=())
 
@@ -351,6 +353,25 @@ def test_config_is_json_and_rebuilds_the_model():
     plain = DenseNet(growth_rate=8, block_config=[2, 2], num_init_features=16, num_classes=3, stem="cifar")
     assert plain.config["name"] is None
     assert model_from_config(plain.config).config == plain.config
+
+
+def test_gelu_activation_replaces_every_relu_and_keeps_the_keys():
+    torch.manual_seed(0)
+    relu = create_model("densenet-cpu-m")
+    gelu = create_model("densenet-cpu-m", activation="gelu")
+    gelu.load_state_dict(relu.state_dict())  # strict: the same keys and shapes
+    count = sum(isinstance(m, nn.ReLU) for m in relu.modules())
+    assert count == 2 + 3 + 2 + 2 and sum(isinstance(m, nn.GELU) for m in gelu.modules()) == count
+    assert not any(isinstance(m, nn.ReLU) for m in gelu.modules())
+    rebuilt = model_from_config(json.loads(json.dumps(gelu.config)))
+    assert rebuilt.config["activation"] == "gelu" and isinstance(rebuilt.features.transition1.relu, nn.GELU)
+    old = {k: v for k, v in relu.config.items() if k != "activation"}  # a config from before the option
+    assert model_from_config(old).config["activation"] == "relu"
+    relu.eval(), gelu.eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = gelu.classifier(torch.nn.functional.gelu(gelu.forward_features(x)).mean((2, 3)))
+    assert torch.allclose(gelu(x), expected, atol=1e-5)
+    assert not torch.allclose(gelu(x), relu(x), atol=1e-3)
 
 
 def test_model_from_config_errors():

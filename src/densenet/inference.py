@@ -42,9 +42,14 @@ def _frozen(t: Tensor, memory_format: torch.memory_format = torch.contiguous_for
     return nn.Parameter(t.detach().clone().contiguous(memory_format=memory_format), requires_grad=False)
 
 
-def _bn_relu(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """relu(x * scale + shift): an eval-mode batch norm and ReLU in two cheap passes."""
-    return torch.addcmul(shift, x, scale).relu_()
+def _act(x: Tensor, gelu: bool) -> Tensor:
+    """The model's activation on a temporary map: GELU, or ReLU in place."""
+    return F.gelu(x) if gelu else x.relu_()
+
+
+def _bn_act(x: Tensor, scale: Tensor, shift: Tensor, gelu: bool = False) -> Tensor:
+    """act(x * scale + shift): an eval-mode batch norm and the activation in two cheap passes."""
+    return _act(torch.addcmul(shift, x, scale), gelu)
 
 
 class _InferenceLayer(nn.Module):
@@ -52,6 +57,7 @@ class _InferenceLayer(nn.Module):
 
     def __init__(self, layer: _DenseLayer, memory_format: torch.memory_format) -> None:
         super().__init__()
+        self.gelu = isinstance(layer.relu1, nn.GELU)
         scale, shift = _scale_shift(layer.norm1)
         self.scale1, self.shift1 = _frozen(scale), _frozen(shift)
         self.bottleneck = layer.bottleneck
@@ -64,10 +70,10 @@ class _InferenceLayer(nn.Module):
             self.weight1 = _frozen(layer.conv1.weight, memory_format)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = _bn_relu(x, self.scale1, self.shift1)
+        out = _bn_act(x, self.scale1, self.shift1, self.gelu)
         if not self.bottleneck:
             return F.conv2d(out, self.weight1, None, padding=1)
-        out = F.conv2d(out, self.weight1, self.bias1).relu_()
+        out = _act(F.conv2d(out, self.weight1, self.bias1), self.gelu)
         return F.conv2d(out, self.weight2, None, padding=1)
 
 
@@ -100,7 +106,7 @@ class _InferenceBlock(nn.Module):
 
 
 class _InferenceTransition(nn.Module):
-    """BN-ReLU, then the 2x2 average pooling before the 1x1 convolution.
+    """BN and activation, then the 2x2 average pooling before the 1x1 convolution.
 
     Pooling and a bias-free 1x1 convolution are both linear and act on different axes, so their
     order does not change the result; pooling first gives the convolution a quarter of the work.
@@ -113,9 +119,10 @@ class _InferenceTransition(nn.Module):
         self.scale, self.shift = _frozen(scale), _frozen(shift)
         self.weight = _frozen(transition.conv.weight, memory_format)
         self.max_pool = isinstance(transition.pool, nn.MaxPool2d)
+        self.gelu = isinstance(transition.relu, nn.GELU)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = _bn_relu(x, self.scale, self.shift)
+        x = _bn_act(x, self.scale, self.shift, self.gelu)
         if self.max_pool:
             return F.max_pool2d(F.conv2d(x, self.weight), 2)
         return F.conv2d(F.avg_pool2d(x, 2), self.weight)
@@ -133,6 +140,7 @@ class InferenceDenseNet(nn.Module):
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.channels_last = bool(channels_last)
         self.config = dict(model.config)
+        self.gelu = model.config.get("activation", "relu") == "gelu"
         self.stem_pool = bool(model.config.get("stem_pool", False))
         self.stem_stride = 4 if model.config["stem"] == "imagenet" else (
             int(model.config["stem_stride"]) * (2 if self.stem_pool else 1))
@@ -172,12 +180,12 @@ class InferenceDenseNet(nn.Module):
     def _forward(self, x: Tensor) -> Tensor:
         x = F.conv2d(x, self.stem_weight, self.stem_bias, **self.stem_conv)
         if self.stem_bias is not None:
-            x = F.max_pool2d(x.relu_(), kernel_size=3, stride=2, padding=1)
+            x = F.max_pool2d(_act(x, self.gelu), kernel_size=3, stride=2, padding=1)
         elif self.stem_pool:
             x = F.max_pool2d(x, kernel_size=2, stride=2)
         for stage in self.stages:
             x = stage(x)
-        x = _bn_relu(x, self.scale5, self.shift5)
+        x = _bn_act(x, self.scale5, self.shift5, self.gelu)
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return F.linear(x, self.classifier_weight, self.classifier_bias)
 
@@ -206,8 +214,8 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True) -> n
 
     - norm2 is folded into conv1 (conv1 -> norm2 is a convolution followed by a batch norm), and
       an ImageNet stem's norm0 into conv0;
-    - the other batch norms (norm1, the transitions', norm5), which precede a ReLU, become one
-      multiply-add and an in-place ReLU;
+    - the other batch norms (norm1, the transitions', norm5), which precede the activation, become
+      one multiply-add and an in-place ReLU (or a GELU);
     - each dense block fills one preallocated map instead of concatenating per layer;
     - transitions with average pooling pool before their 1x1 convolution (a quarter of the work, same result);
     - on the CPU, large batches run in chunks whose feature maps stay in the cache;

@@ -42,10 +42,16 @@ __all__ = [
 
 STEMS = ("imagenet", "cifar")
 TRANSITION_POOLS = ("avg", "max")
+ACTIVATIONS = ("relu", "gelu")
 
 
 # --------------------------------------------------------------------------------------------
 # building blocks
+
+
+def _activation(name: str) -> nn.Module:
+    """The nonlinearity after each batch norm: in-place ReLU (the paper's) or GELU (exact, erf form)."""
+    return nn.GELU() if name == "gelu" else nn.ReLU(inplace=True)
 
 
 @contextlib.contextmanager
@@ -76,15 +82,15 @@ class _DenseLayer(nn.Module):
     """
 
     def __init__(self, in_channels: int, growth_rate: int, bn_size: int, drop_rate: float,
-                 memory_efficient: bool) -> None:
+                 memory_efficient: bool, activation: str = "relu") -> None:
         super().__init__()
         self.norm1 = nn.BatchNorm2d(in_channels)
-        self.relu1 = nn.ReLU(inplace=True)
+        self.relu1 = _activation(activation)
         if bn_size:
             width = bn_size * growth_rate
             self.conv1 = nn.Conv2d(in_channels, width, kernel_size=1, bias=False)
             self.norm2 = nn.BatchNorm2d(width)
-            self.relu2 = nn.ReLU(inplace=True)
+            self.relu2 = _activation(activation)
             self.conv2 = nn.Conv2d(width, growth_rate, kernel_size=3, padding=1, bias=False)
         else:
             self.conv1 = nn.Conv2d(in_channels, growth_rate, kernel_size=3, padding=1, bias=False)
@@ -159,11 +165,11 @@ class _DenseBlock(nn.ModuleDict):
     """``num_layers`` dense layers; returns the concatenation of its input and every layer's output."""
 
     def __init__(self, num_layers: int, in_channels: int, growth_rate: int, bn_size: int,
-                 drop_rate: float, memory_efficient: bool) -> None:
+                 drop_rate: float, memory_efficient: bool, activation: str = "relu") -> None:
         super().__init__()
         for i in range(num_layers):
             layer = _DenseLayer(in_channels + i * growth_rate, growth_rate, bn_size, drop_rate,
-                                memory_efficient)
+                                memory_efficient, activation)
             self.add_module(f"denselayer{i + 1}", layer)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -176,10 +182,10 @@ class _DenseBlock(nn.ModuleDict):
 class _Transition(nn.Sequential):
     """BN-ReLU-Conv1x1 to ``out_channels``, then 2x2 pooling (stride 2): average, or max with ``pool="max"``."""
 
-    def __init__(self, in_channels: int, out_channels: int, pool: str = "avg") -> None:
+    def __init__(self, in_channels: int, out_channels: int, pool: str = "avg", activation: str = "relu") -> None:
         super().__init__(OrderedDict([
             ("norm", nn.BatchNorm2d(in_channels)),
-            ("relu", nn.ReLU(inplace=True)),
+            ("relu", _activation(activation)),
             ("conv", nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)),
             ("pool", (nn.MaxPool2d if pool == "max" else nn.AvgPool2d)(kernel_size=2, stride=2)),
         ]))
@@ -207,6 +213,8 @@ class DenseNet(nn.Module):
         stem_pool: a 2x2/2 max-pool after the CIFAR stem convolution (``pool0``): the convolution
             sees every pixel position at full resolution and the blocks start at half of it.
         transition_pool: the transitions' 2x2/2 pooling, ``"avg"`` (the paper's) or ``"max"``.
+        activation: the nonlinearity after every batch norm, ``"relu"`` (the paper's) or ``"gelu"``;
+            the modules keep their ``relu*`` names either way (no parameters, same state_dict keys).
         memory_efficient: keep only each layer's convolution outputs for backward and recompute
             its concatenation and BN/ReLU maps there (see :meth:`set_memory_efficient`).
 
@@ -226,19 +234,20 @@ class DenseNet(nn.Module):
         stem_stride: int = 1,
         stem_pool: bool = False,
         transition_pool: str = "avg",
+        activation: str = "relu",
         memory_efficient: bool = False,
     ) -> None:
         super().__init__()
         bn_size = int(bn_size or 0)
         block_config = [int(n) for n in block_config]
         _check_config(growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
-                      num_classes, stem, stem_stride, stem_pool, transition_pool)
+                      num_classes, stem, stem_stride, stem_pool, transition_pool, activation)
 
         if stem == "imagenet":
             layers = [
                 ("conv0", nn.Conv2d(3, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
                 ("norm0", nn.BatchNorm2d(num_init_features)),
-                ("relu0", nn.ReLU(inplace=True)),
+                ("relu0", _activation(activation)),
                 ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
             ]
         else:
@@ -250,12 +259,13 @@ class DenseNet(nn.Module):
 
         channels = num_init_features
         for b, num_layers in enumerate(block_config, start=1):
-            block = _DenseBlock(num_layers, channels, growth_rate, bn_size, drop_rate, memory_efficient)
+            block = _DenseBlock(num_layers, channels, growth_rate, bn_size, drop_rate, memory_efficient, activation)
             self.features.add_module(f"denseblock{b}", block)
             channels += num_layers * growth_rate
             if b < len(block_config):
                 out_channels = math.floor(compression * channels)
-                self.features.add_module(f"transition{b}", _Transition(channels, out_channels, transition_pool))
+                transition = _Transition(channels, out_channels, transition_pool, activation)
+                self.features.add_module(f"transition{b}", transition)
                 channels = out_channels
         self.features.add_module("norm5", nn.BatchNorm2d(channels))
         self.classifier = nn.Linear(channels, num_classes)
@@ -275,6 +285,7 @@ class DenseNet(nn.Module):
             "stem_stride": int(stem_stride),
             "stem_pool": bool(stem_pool),
             "transition_pool": str(transition_pool),
+            "activation": str(activation),
             "memory_efficient": bool(memory_efficient),
         }
         self._init_weights()
@@ -304,8 +315,8 @@ class DenseNet(nn.Module):
         return self.features(x)
 
     def forward_head(self, features: Tensor) -> Tensor:
-        """ReLU, global average pooling and the classifier."""
-        out = F.relu(features)
+        """The activation (ReLU or GELU), global average pooling and the classifier."""
+        out = F.gelu(features) if self.config["activation"] == "gelu" else F.relu(features)
         out = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
         return self.classifier(out)
 
@@ -362,7 +373,7 @@ def whiten_stem(model: nn.Module, images: Tensor, eps: float = 5e-4) -> None:
 
 
 def _check_config(growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
-                  num_classes, stem, stem_stride, stem_pool=False, transition_pool="avg") -> None:
+                  num_classes, stem, stem_stride, stem_pool=False, transition_pool="avg", activation="relu") -> None:
     problems = []
     if int(growth_rate) < 1:
         problems.append(f"growth_rate must be at least 1, got {growth_rate}")
@@ -386,6 +397,8 @@ def _check_config(growth_rate, block_config, num_init_features, bn_size, compres
         problems.append("stem_pool adds a max-pool to the cifar stem only (the imagenet stem has its own)")
     if transition_pool not in TRANSITION_POOLS:
         problems.append(f"transition_pool must be one of {', '.join(TRANSITION_POOLS)}, got {transition_pool!r}")
+    if activation not in ACTIVATIONS:
+        problems.append(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     if problems:
         raise ConfigError("; ".join(problems))
 
