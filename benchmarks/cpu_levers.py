@@ -15,6 +15,10 @@ Its parts, each run on a quiet machine (nothing else of yours beside it):
     # leaves it), timed in alternating rounds of the same process
     .venv/bin/python benchmarks/cpu_levers.py stem --batch 128
 
+    # the same interleaved timing for any constructor options of one model (the first the reference)
+    .venv/bin/python benchmarks/cpu_levers.py variants --model densenet-cpu-m --amp bf16 \\
+        --variants '{"relu": {}, "gelu": {"activation": "gelu"}, "relu-max": {"transition_pool": "max"}}'
+
     # where a training step's time goes (torch.profiler, self CPU time by operator, summed over
     # steps): convolutions, BatchNorm, ReLU, concatenation, the rest
     .venv/bin/python benchmarks/cpu_levers.py profile --model densenet-cpu-s --batch 128
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -71,20 +76,23 @@ def step_speed(model_name: str, batch: int, amp: str, channels_last: bool, compi
             "warmup_seconds": round(first, 1), "threads": torch.get_num_threads()}
 
 
-def stem_speed(batch: int, rounds: int = 4, steps: int = 10) -> list[dict]:
-    """Seconds per training step of densenet-cpu-s with its pooled stem and with a strided one."""
-    variants = {"3x3/1 + 2x2 max-pool": {"stem_stride": 1, "stem_pool": True}, "3x3/2": {}}
+def variants_speed(model_name: str, variants: dict[str, dict], batch: int, amp: str = "none",
+                   rounds: int = 5, steps: int = 10) -> list[dict]:
+    """Seconds per training step of ``model_name`` built with each variant's constructor overrides,
+    timed in alternating rounds of the same process (so a change of the machine's speed hits all
+    alike). The stem convolution is frozen, as ``--whiten`` leaves it; channels_last."""
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
     steppers, times = {}, {name: [] for name in variants}
     for name, kwargs in variants.items():
         torch.manual_seed(0)
-        model = create_model("densenet-cpu-s", **kwargs).to(memory_format=torch.channels_last)
-        model.features.conv0.weight.requires_grad_(False)  # whitened stems are frozen
+        model = create_model(model_name, **kwargs).to(memory_format=torch.channels_last)
+        model.features.conv0.weight.requires_grad_(False)
         opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.1, momentum=0.9)
 
         def step(model=model, opt=opt):
-            loss = F.cross_entropy(model(x), y)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+                loss = F.cross_entropy(model(x).float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -98,9 +106,16 @@ def stem_speed(batch: int, rounds: int = 4, steps: int = 10) -> list[dict]:
             for _ in range(steps):
                 step()
             times[name].append((time.perf_counter() - t) / steps)
-    return [{"stem": name, "batch": batch, "seconds_per_step": [round(v, 3) for v in times[name]],
-             "images_per_second": round(batch / min(times[name]), 1), "threads": torch.get_num_threads()}
-            for name in variants]
+    reference = statistics.median(times[next(iter(variants))])
+    return [{"model": model_name, "variant": name, "overrides": variants[name], "batch": batch, "amp": amp,
+             "seconds_per_step": [round(v, 3) for v in times[name]],
+             "median_images_per_second": round(batch / statistics.median(times[name]), 1),
+             "median_time_ratio_to_first": round(statistics.median(times[name]) / reference, 3),
+             "threads": torch.get_num_threads()} for name in variants]
+
+
+# densenet-cpu-s's stem: 3x3/1 whitening + 2x2 max-pool against 3x3/2 whitening
+STEM_VARIANTS = {"3x3/1 + 2x2 max-pool": {"stem_stride": 1, "stem_pool": True}, "3x3/2": {}}
 
 
 # operator families of a training step, by the name torch.profiler gives the aten operator
@@ -194,6 +209,17 @@ def tta_views(weights: str, data_dir: str) -> list[dict]:
     return [dict(row, weights=weights) for row in rows]
 
 
+def _variants(text: str) -> dict[str, dict]:
+    """--variants: a non-empty JSON object of name -> object of constructor overrides."""
+    try:
+        variants = json.loads(text)
+    except ValueError as e:
+        raise SystemExit(f"cpu_levers.py: error: --variants is not JSON ({e})") from None
+    if not variants or not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+        raise SystemExit('cpu_levers.py: error: --variants must be a JSON object {"name": {overrides}, ...}')
+    return variants
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="part", required=True)
@@ -205,6 +231,13 @@ def main() -> None:
     st = sub.add_parser("stem")
     st.add_argument("--batch", type=int, default=128)
     st.add_argument("--threads", type=int, default=None)
+    va = sub.add_parser("variants")
+    va.add_argument("--model", default="densenet-cpu-m")
+    va.add_argument("--variants", required=True, help='JSON {"name": {constructor overrides}, ...}; the first '
+                    "is the reference of the ratios")
+    va.add_argument("--amp", choices=("none", "bf16"), default="none")
+    va.add_argument("--batch", type=int, default=128)
+    va.add_argument("--threads", type=int, default=None)
     a = sub.add_parser("accuracy")
     a.add_argument("--data-dir", required=True)
     a.add_argument("--set", default="{}", help="JSON of training settings over the quick recipe")
@@ -232,8 +265,10 @@ def main() -> None:
                 print(json.dumps(step_speed(name, args.batch, amp, cl, comp)), flush=True)
         return
 
-    if args.part == "stem":
-        for row in stem_speed(args.batch):
+    if args.part in ("stem", "variants"):
+        model, variants, amp = ("densenet-cpu-s", STEM_VARIANTS, "none") if args.part == "stem" else (
+            args.model, _variants(args.variants), args.amp)
+        for row in variants_speed(model, variants, args.batch, amp, rounds=4 if args.part == "stem" else 5):
             print(json.dumps(row), flush=True)
         return
 
