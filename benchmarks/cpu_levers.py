@@ -77,10 +77,12 @@ def step_speed(model_name: str, batch: int, amp: str, channels_last: bool, compi
 
 
 def variants_speed(model_name: str, variants: dict[str, dict], batch: int, amp: str = "none",
-                   rounds: int = 5, steps: int = 10) -> list[dict]:
+                   rounds: int = 5, steps: int = 10, compile_: bool = False) -> list[dict]:
     """Seconds per training step of ``model_name`` built with each variant's constructor overrides,
     timed in alternating rounds of the same process (so a change of the machine's speed hits all
-    alike). The stem convolution is frozen, as ``--whiten`` leaves it; channels_last."""
+    alike). The stem convolution is frozen, as ``--whiten`` leaves it; channels_last; with
+    ``compile_``, each variant runs through ``torch.compile(dynamic=False)`` as the trainer's
+    ``--compile`` does (compiled in its warm-up steps, before the timed rounds)."""
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
     steppers, times = {}, {name: [] for name in variants}
@@ -89,10 +91,11 @@ def variants_speed(model_name: str, variants: dict[str, dict], batch: int, amp: 
         model = create_model(model_name, **kwargs).to(memory_format=torch.channels_last)
         model.features.conv0.weight.requires_grad_(False)
         opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.1, momentum=0.9)
+        run = torch.compile(model, dynamic=False) if compile_ else model
 
-        def step(model=model, opt=opt):
+        def step(run=run, opt=opt):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
-                loss = F.cross_entropy(model(x).float(), y)
+                loss = F.cross_entropy(run(x).float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -108,7 +111,7 @@ def variants_speed(model_name: str, variants: dict[str, dict], batch: int, amp: 
             times[name].append((time.perf_counter() - t) / steps)
     reference = statistics.median(times[next(iter(variants))])
     return [{"model": model_name, "variant": name, "overrides": variants[name], "batch": batch, "amp": amp,
-             "seconds_per_step": [round(v, 3) for v in times[name]],
+             "compile": compile_, "seconds_per_step": [round(v, 3) for v in times[name]],
              "median_images_per_second": round(batch / statistics.median(times[name]), 1),
              "median_time_ratio_to_first": round(statistics.median(times[name]) / reference, 3),
              "threads": torch.get_num_threads()} for name in variants]
@@ -237,6 +240,8 @@ def main() -> None:
                     "is the reference of the ratios")
     va.add_argument("--amp", choices=("none", "bf16"), default="none")
     va.add_argument("--batch", type=int, default=128)
+    va.add_argument("--compile", action="store_true", help="time each variant compiled (torch.compile, "
+                    "dynamic=False, as train --compile)")
     va.add_argument("--threads", type=int, default=None)
     a = sub.add_parser("accuracy")
     a.add_argument("--data-dir", required=True)
@@ -268,7 +273,8 @@ def main() -> None:
     if args.part in ("stem", "variants"):
         model, variants, amp = ("densenet-cpu-s", STEM_VARIANTS, "none") if args.part == "stem" else (
             args.model, _variants(args.variants), args.amp)
-        for row in variants_speed(model, variants, args.batch, amp, rounds=4 if args.part == "stem" else 5):
+        for row in variants_speed(model, variants, args.batch, amp, rounds=4 if args.part == "stem" else 5,
+                                  compile_=args.part == "variants" and args.compile):
             print(json.dumps(row), flush=True)
         return
 
