@@ -241,6 +241,20 @@ def test_low_res_0_turns_off_a_recipe_s_progressive_resizing():
     assert not config.low_res and C.validate(config) is None
 
 
+def test_cpu_recipes_build_gelu_max_networks_and_empty_model_kwargs_restore_the_paper_s():
+    parser = argparse.ArgumentParser()
+    T.add_arguments(parser)
+    for recipe, model in (("cpu-30m", "densenet-cpu-m"), ("cpu-90m", "densenet-cpu-l")):
+        config = T.config_from_args(parser.parse_args(["--recipe", recipe]))
+        built = create_model(config.model, **config.model_kwargs).config
+        assert (config.model, built["activation"], built["transition_pool"]) == (model, "gelu", "max")
+        paper = T.config_from_args(parser.parse_args(["--recipe", recipe, "--model-kwargs", "{}"]))
+        built = create_model(paper.model, **paper.model_kwargs).config
+        assert (built["activation"], built["transition_pool"]) == ("relu", "avg")
+    quick = T.config_from_args(parser.parse_args(["--recipe", "quick"]))
+    assert quick.model_kwargs == {}
+
+
 def test_lookahead_run_ends_on_the_slow_weights(tiny_data, tmp_path):
     out = tmp_path / "run"
     result = TR.train(tiny_config(tiny_data, out, weights_dir=str(tmp_path / "w"), lookahead=0.7))
