@@ -207,7 +207,7 @@ def test_reported_accuracy_equals_single_process_evaluate(ddp_run, tmp_path, cap
 @pytest.mark.skipif(not os.environ.get("DENSENET_DATA"), reason="needs $DENSENET_DATA (CIFAR-10)")
 def test_real_subset_accuracy_is_over_the_whole_test_set(tmp_path, capsys):
     """2 processes, one epoch on 1,024 CIFAR-10 images; evaluated on all 10,000 test images."""
-    data, out, debug = os.environ["DENSENET_DATA"], tmp_path / "run", tmp_path / "debug"
+    data, out, debug = os.path.abspath(os.environ["DENSENET_DATA"]), tmp_path / "run", tmp_path / "debug"
     args = ["--model", "densenet-bc-10-4", "--data-dir", data, "--subset", "1024", "--epochs", "1",
             "--batch-size", "32", "--lr", "0.1", "--schedule", "constant", "--out-dir", str(out),
             "--weights-dir", str(tmp_path / "weights"), "--device", "cpu", "--progress", "lines"]
