@@ -243,6 +243,8 @@ RECIPES: dict[str, dict] = {
     # GELU and max-pooling transitions on an AMD Zen 4: 90.96% in 39 epochs against 90.63% with ReLU in 39
     # (twenty-third session); seed 1 in a slow hour (0.54-0.58 s per step against 0.44): 90.62% in 31.7 epochs, level
     # with ReLU's 39 (twenty-fourth session); torch.compile measured slower than eager there
+    # on an AMD Zen 5 (AVX-512 BF16, no AMX; 0.26 s per step): 91.83% in 66.3 epochs, the best 90-minute run
+    # (twenty-fifth session; ships as densenet-cpu-l-90m)
     "cpu-90m": _cpu_recipe(90, 120, 3.5, "CPU, <= 90 minutes: the cpu-30m recipe with densenet-cpu-l (k=96, no "
                            "compression, GELU, max-pooling transitions), 4-pixel random crops and 12-pixel cutout "
                            "for as many epochs as fit (at most 120; 3.5 warm-up epochs), eager (torch.compile "
