@@ -244,11 +244,12 @@ RECIPES: dict[str, dict] = {
     # (twenty-third session); seed 1 in a slow hour (0.54-0.58 s per step against 0.44): 90.62% in 31.7 epochs, level
     # with ReLU's 39 (twenty-fourth session); torch.compile measured slower than eager there
     # on an AMD Zen 5 (AVX-512 BF16, no AMX; 0.26 s per step): 91.83% in 66.3 epochs, the best 90-minute run
-    # (twenty-fifth session; ships as densenet-cpu-l-90m)
+    # (twenty-fifth session; ships as densenet-cpu-l-90m); compiled, its step is no faster there (537 against 533
+    # images/s); with 16-pixel cutout 91.76% in 63.5 epochs, training accuracy 94.0% against 97.4% (twenty-sixth)
     "cpu-90m": _cpu_recipe(90, 120, 3.5, "CPU, <= 90 minutes: the cpu-30m recipe with densenet-cpu-l (k=96, no "
                            "compression, GELU, max-pooling transitions), 4-pixel random crops and 12-pixel cutout "
                            "for as many epochs as fit (at most 120; 3.5 warm-up epochs), eager (torch.compile "
-                           "measured slower on a CPU without AMX)", model="densenet-cpu-l",
+                           "measured no faster on CPUs without AMX)", model="densenet-cpu-l",
                            model_kwargs=dict(_GELU_MAX), label_smoothing=0.2, lookahead=0.77, bn_momentum=0.4,
                            low_res=24, cutout=12),
     "fast": {
