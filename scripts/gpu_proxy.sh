@@ -12,9 +12,11 @@
 # config.json of each run come back in $OUT/runs.tar.gz (refreshed every 30 s, so a run cut short
 # still returns its epochs), the last line of each log in $OUT/summary.txt.
 set -u -f  # -f: the JSON of --model-kwargs is not a glob
-VARIANTS=$1
+VARIANTS=${1:?usage: scripts/gpu_proxy.sh VARIANTS_FILE [SECONDS]}
 SECONDS_LEFT=${2:-500}
 OUT=${OUT:-/tmp/gpu_proxy_out}
+[[ -r "$VARIANTS" ]] || { echo "error: cannot read the variants file $VARIANTS" >&2; exit 1; }
+[[ -r .devdata/cifar10-jpeg.npz ]] || { echo "error: no .devdata/cifar10-jpeg.npz (scripts/pack_folder.py pack; carry .devdata)" >&2; exit 1; }
 mkdir -p "$OUT" /tmp/proxy/logs /tmp/proxy/runs
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 DENSENET_CACHE=/tmp/proxy/cache OMP_NUM_THREADS=2
 PY=${PYTHON:-python3}
@@ -32,18 +34,16 @@ collect() {
     for f in $(find /tmp/proxy/logs -name "*.log" | sort); do echo "$(basename "$f" .log): $(grep -E '^(epoch|done)' "$f" | tail -1)"; done > "$OUT/summary.txt"
 }
 
-pids=()
 while read -r name args; do
     [[ -z "$name" || "$name" == \#* ]] && continue
     # shellcheck disable=SC2086
     timeout "$SECONDS_LEFT" $PY -m densenet train $args --device ${PROXY_DEVICE:-cuda} --no-fit-epochs --max-minutes 600 \
         --data-dir "$DATA" --out-dir "/tmp/proxy/runs/$name" --weights-dir "/tmp/proxy/runs/$name/weights" \
         --progress lines > "/tmp/proxy/logs/$name.log" 2>&1 &
-    pids+=($!)
 done < "$VARIANTS"
-echo "${#pids[@]} runs started $(date +%T)" >> "$OUT/env.txt"
+echo "$(jobs -rp | wc -l) runs started $(date +%T)" >> "$OUT/env.txt"
 
-while kill -0 "${pids[@]}" 2> /dev/null || pgrep -f "densenet train" > /dev/null; do
+while [[ -n "$(jobs -rp)" ]]; do
     sleep 30
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader >> "$OUT/env.txt"
     collect

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +37,13 @@ def pack(src: Path, out: Path) -> None:
     if not files:
         sys.exit(f"error: no files under {src}")
     headers: dict[bytes, int] = {}
-    rels, header_ids, bodies = [], [], []
+    originals, rels, header_ids, bodies = [], [], [], []
     for path in files:
         data = path.read_bytes()
         cut = data.find(_SCAN)
         cut = 0 if cut < 0 else cut  # not a JPEG: stored whole, behind the empty header
         rels.append(path.relative_to(src).as_posix())
+        originals.append((rels[-1], data))
         header_ids.append(headers.setdefault(data[:cut], len(headers)))
         bodies.append(data[cut:])
     table = list(headers)
@@ -51,7 +53,7 @@ def pack(src: Path, out: Path) -> None:
              bodies=np.frombuffer(b"".join(bodies), dtype=np.uint8),
              header_sizes=np.array([len(h) for h in table], dtype=np.int64),
              headers=np.frombuffer(b"".join(table), dtype=np.uint8),
-             sha256=np.array(_digest((r, h + b) for r, h, b in zip(rels, (table[i] for i in header_ids), bodies))))
+             sha256=np.array(_digest(originals)))
     print(f"{len(files)} files, {len(table)} distinct headers: {out} ({out.stat().st_size / 2**20:.1f} MiB)")
 
 
@@ -62,12 +64,15 @@ def _split(buffer: np.ndarray, sizes: np.ndarray) -> list[bytes]:
 
 
 def unpack(pack_file: Path, dest: Path) -> None:
-    with np.load(pack_file, allow_pickle=False) as z:
-        table = _split(z["headers"], z["header_sizes"])
-        bodies = _split(z["bodies"], z["body_sizes"])
-        rels = [str(r) for r in z["paths"]]
-        items = [(rel, table[i] + body) for rel, i, body in zip(rels, z["header_ids"].tolist(), bodies)]
-        expected = str(z["sha256"])
+    try:
+        with np.load(pack_file, allow_pickle=False) as z:
+            table = _split(z["headers"], z["header_sizes"])
+            bodies = _split(z["bodies"], z["body_sizes"])
+            rels = [str(r) for r in z["paths"]]
+            items = [(rel, table[i] + body) for rel, i, body in zip(rels, z["header_ids"].tolist(), bodies)]
+            expected = str(z["sha256"])
+    except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as exc:
+        sys.exit(f"error: cannot read {pack_file} as a pack made by this script ({exc})")
     if _digest(items) != expected:
         sys.exit(f"error: {pack_file} does not unpack to the files it was made from (sha256 mismatch)")
     for rel, data in items:

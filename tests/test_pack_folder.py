@@ -59,3 +59,15 @@ def test_a_damaged_pack_is_refused(folder: Path, tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "sha256 mismatch" in done.stderr
     assert not (tmp_path / "back").exists()
+
+
+def test_a_missing_or_truncated_pack_is_a_one_line_error(folder: Path, tmp_path: Path) -> None:
+    pack = tmp_path / "pack.npz"
+    assert _run("pack", folder, pack).returncode == 0
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(pack.read_bytes()[:100])
+    for bad in (tmp_path / "missing.npz", truncated):
+        done = _run("unpack", bad, tmp_path / "back")
+        assert done.returncode != 0
+        assert done.stderr.startswith(f"error: cannot read {bad}") and "Traceback" not in done.stderr
+    assert not (tmp_path / "back").exists()
