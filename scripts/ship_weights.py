@@ -62,7 +62,8 @@ def main() -> int:
     model, meta = load_model(args.weights)
     if args.arch_name:
         try:
-            registered = create_model(args.arch_name, num_classes=model.config["num_classes"]).config
+            options = {k: model.config[k] for k in ("num_classes", "activation", "transition_pool", "drop_rate")}
+            registered = create_model(args.arch_name, **options).config
         except ConfigError as e:
             p.error(f"--arch-name: {e}")
         if json.dumps({**model.config, "name": args.arch_name}, sort_keys=True) != json.dumps(registered, sort_keys=True):

@@ -114,6 +114,7 @@ def test_cifar_models_match_the_composition_formula():
     assert count_parameters(meta_model("densenet-cpu-m")) == cifar_parameter_count(54, 64, [2, 3, 2], 0, 1.0)
     assert count_parameters(meta_model("densenet-cpu-l")) == cifar_parameter_count(54, 96, [2, 3, 2], 0, 1.0)
     assert count_parameters(meta_model("densenet-cpu-k96")) == cifar_parameter_count(54, 96, [1, 2, 2], 0, 0.5)
+    assert count_parameters(meta_model("densenet-cpu-m4")) == cifar_parameter_count(54, 64, [1, 2, 3, 2], 0, 1.0)
 
 
 @pytest.mark.parametrize("name", ["densenet-bc-101-12", "densenet-bc-4-12", "densenet-41-12"])

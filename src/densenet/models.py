@@ -430,7 +430,8 @@ def densenet_bc_mini(num_classes: int = 10, **overrides: Any) -> DenseNet:
     return _named(DenseNet(**{**kwargs, "num_classes": num_classes, **overrides}), "densenet-bc-mini")
 
 
-def densenet_cpu(name: str, growth_rate: int, block_config: tuple[int, ...], compression: float = 0.5):
+def densenet_cpu(name: str, growth_rate: int, block_config: tuple[int, ...], compression: float = 0.5,
+                 stem_stride: int = 2):
     """A DenseNet shaped for training on a CPU in minutes (see docs/TRAINING.md for how it was chosen).
 
     Basic dense layers (BN-ReLU-Conv3x3, no bottleneck: few wide convolutions run far faster per
@@ -438,18 +439,20 @@ def densenet_cpu(name: str, growth_rate: int, block_config: tuple[int, ...], com
     densenet-cpu-m: its blocks at 8 and 4 pixels, where a convolution is cheap, get twice the
     input channels), and a 3x3 stride-2
     stem of 54 = 2 x 27 channels: exactly the size of a patch-whitening filter bank of 3x3 colour
-    patches (``densenet train --whiten``), so the blocks work at 16, 8 and 4 pixels. (A stride-1
-    stem with a 2x2 max-pool, ``stem_stride=1, stem_pool=True``, trained worse: docs/TRAINING.md.)
+    patches (``densenet train --whiten``), so the blocks work at 16, 8 and 4 pixels; with
+    ``stem_stride=1`` (densenet-cpu-m4) a first block works at 32 pixels. (A stride-1 stem with a
+    2x2 max-pool and no block at 32 pixels, ``stem_stride=1, stem_pool=True``, trained worse:
+    docs/TRAINING.md.)
     """
 
     def build(num_classes: int = 10, **overrides: Any) -> DenseNet:
         kwargs = dict(growth_rate=growth_rate, block_config=block_config, num_init_features=54, bn_size=0,
-                      compression=compression, stem="cifar", stem_stride=2)
+                      compression=compression, stem="cifar", stem_stride=stem_stride)
         return _named(DenseNet(**{**kwargs, "num_classes": num_classes, **overrides}), name)
 
     build.__name__ = name.replace("-", "_")
     build.__doc__ = (f"{name}: basic DenseNet, k={growth_rate}, blocks {'-'.join(map(str, block_config))}, "
-                     f"compression {compression:g}, 54-channel 3x3/2 stem for whitening.")
+                     f"compression {compression:g}, 54-channel 3x3/{stem_stride} stem for whitening.")
     return build
 
 
