@@ -244,7 +244,7 @@ def test_low_res_0_turns_off_a_recipe_s_progressive_resizing():
 def test_cpu_recipes_build_gelu_max_networks_and_empty_model_kwargs_restore_the_paper_s():
     parser = argparse.ArgumentParser()
     T.add_arguments(parser)
-    for recipe, model in (("cpu-30m", "densenet-cpu-m"), ("cpu-90m", "densenet-cpu-m4")):
+    for recipe, model in (("cpu-30m", "densenet-cpu-m4"), ("cpu-90m", "densenet-cpu-m4")):
         config = T.config_from_args(parser.parse_args(["--recipe", recipe]))
         built = create_model(config.model, **config.model_kwargs).config
         assert (config.model, built["activation"], built["transition_pool"]) == (model, "gelu", "max")

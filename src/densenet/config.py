@@ -223,11 +223,14 @@ RECIPES: dict[str, dict] = {
     # --model-kwargs '{}' trains that network again) on an AMD Zen 4 (AVX-512 BF16, no AMX): 90.11% in 21.8 epochs
     # against 89.44% with ReLU the same hour (twenty-fourth session), 89.50% in 17.0 epochs in a slow hour
     # (twenty-second session); 1-8 points ahead at equal epochs
-    "cpu-30m": _cpu_recipe(30, 40, 1.8, "CPU, <= 30 minutes: the quick recipe with densenet-cpu-m (k=64, no "
-                           "compression, GELU, max-pooling transitions) for as many epochs as fit (at most 40; "
+    # densenet-cpu-m4 (densenet-cpu-m with a first block at 32 pixels) on the Zen 5: 90.90% in 15.9 epochs against
+    # densenet-cpu-m's 90.46% in 35.0 (twenty-seventh session; ships as densenet-cpu-m4-30m)
+    "cpu-30m": _cpu_recipe(30, 40, 1.8, "CPU, <= 30 minutes: the quick recipe with densenet-cpu-m4 (k=64, no "
+                           "compression, a first block at 32 pixels, GELU, max-pooling transitions) for as many "
+                           "epochs as fit (at most 40; "
                            "1.8 warm-up epochs), label smoothing 0.2, lookahead 0.77, BatchNorm momentum 0.4, "
                            "2-pixel random crops, progressive resizing (24x24 batches in the first half, full size "
-                           "in the last quarter) and torch.compile", model="densenet-cpu-m",
+                           "in the last quarter) and torch.compile", model="densenet-cpu-m4",
                            model_kwargs=dict(_GELU_MAX), crop_padding=2, label_smoothing=0.2, lookahead=0.77,
                            bn_momentum=0.4, low_res=24, compile=True),
     # densenet-cpu-m (theta=1) in 90 minutes: 89.49% in 27.9 epochs against densenet-cpu-s's 89.29% in 39.8
@@ -249,10 +252,10 @@ RECIPES: dict[str, dict] = {
     # densenet-cpu-m4 (k=64, a stride-1 stem and blocks 1-2-3-2: one dense layer at 32 pixels, the others at 16, 8
     # and 4) on the Zen 5: 92.23% in 51.0 epochs against densenet-cpu-l's 91.83% in 66.3, 1.3x its step time
     # (twenty-seventh session; ships as densenet-cpu-m4-90m)
-    "cpu-90m": _cpu_recipe(90, 120, 3.5, "CPU, <= 90 minutes: the cpu-30m recipe with densenet-cpu-m4 (k=64, no "
-                           "compression, a first block at 32 pixels, GELU, max-pooling transitions), 4-pixel "
-                           "random crops and 12-pixel cutout for as many epochs as fit (at most 120; 3.5 warm-up "
-                           "epochs), eager (torch.compile measured no faster on CPUs without AMX)",
+    "cpu-90m": _cpu_recipe(90, 120, 3.5, "CPU, <= 90 minutes: the cpu-30m recipe and network (densenet-cpu-m4, GELU, "
+                           "max-pooling transitions) with 4-pixel random crops and 12-pixel cutout for as many "
+                           "epochs as fit (at most 120; 3.5 warm-up epochs), eager (torch.compile measured no "
+                           "faster for densenet-cpu-l on CPUs without AMX)",
                            model="densenet-cpu-m4",
                            model_kwargs=dict(_GELU_MAX), label_smoothing=0.2, lookahead=0.77, bn_momentum=0.4,
                            low_res=24, cutout=12),

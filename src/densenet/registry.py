@@ -85,12 +85,12 @@ register_model("densenet-cpu-k96", densenet_cpu("densenet-cpu-k96", 96, (1, 2, 2
                "basic DenseNet with a 54-ch 3x3/2 whitening stem, k=96, blocks 1-2-2: the 10-minute CPU recipe's "
                "model, CIFAR")
 register_model("densenet-cpu-m", densenet_cpu("densenet-cpu-m", 64, (2, 3, 2), compression=1.0),
-               "densenet-cpu-s without compression (theta=1): the 30-minute CPU recipe's model, CIFAR")
+               "densenet-cpu-s without compression (theta=1): the 30-minute CPU recipe's model until densenet-cpu-m4, CIFAR")
 register_model("densenet-cpu-l", densenet_cpu("densenet-cpu-l", 96, (2, 3, 2), compression=1.0),
                "densenet-cpu-m with k=96: the 90-minute CPU recipe's model until densenet-cpu-m4, CIFAR")
 register_model("densenet-cpu-m4", densenet_cpu("densenet-cpu-m4", 64, (1, 2, 3, 2), compression=1.0, stem_stride=1),
-               "densenet-cpu-m with a stride-1 stem and a first block at 32 pixels (blocks 1-2-3-2): the 90-minute "
-               "CPU recipe's model, CIFAR")
+               "densenet-cpu-m with a stride-1 stem and a first block at 32 pixels (blocks 1-2-3-2): the 30- and "
+               "90-minute CPU recipes' model, CIFAR")
 register_model("densenet121-cifar", densenet121_cifar, "DenseNet-121 (k=32, 6-12-24-16) with a 3x3 stem, CIFAR")
 register_model("densenet-40-12", _paper_basic(40, 12), "paper's basic DenseNet L=40 k=12, CIFAR")
 register_model("densenet-100-12", _paper_basic(100, 12), "paper's basic DenseNet L=100 k=12, CIFAR")
