@@ -1,6 +1,6 @@
 """Test accuracy against wall-clock minutes for measured training runs, one line per run.
 
-    .venv/bin/python scripts/plot_recipes.py densenet-cpu-k96-10m densenet-cpu-m-30m densenet-cpu-m-90m --out docs/cpu_recipes.png
+    .venv/bin/python scripts/plot_recipes.py densenet-cpu-k96-10m densenet-cpu-m4-30m densenet-cpu-m4-90m --out docs/cpu_recipes.png
 
 Each argument is a run directory or the name of a shipped model. A run directory gives its
 metrics.csv (``elapsed_seconds`` is the wall time from the start of training to the end of that
