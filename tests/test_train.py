@@ -395,7 +395,7 @@ def test_training_options_learn_and_resume_exactly(tiny_data, tmp_path, monkeypa
 
 
 def test_compiled_memory_efficient_training_learns(tiny_data, tmp_path):
-    # with progressive resizing, as the CPU recipes compile it: one graph per side, 24, 28 and 32 pixels
+    # with progressive resizing, as a CPU recipe with --compile runs it: one graph per side, 24, 28 and 32 pixels
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     result = TR.train(tiny_config(tiny_data, tmp_path / "run", epochs=2, compile=True, memory_efficient=True,

@@ -224,15 +224,19 @@ RECIPES: dict[str, dict] = {
     # against 89.44% with ReLU the same hour (twenty-fourth session), 89.50% in 17.0 epochs in a slow hour
     # (twenty-second session); 1-8 points ahead at equal epochs
     # densenet-cpu-m4 (densenet-cpu-m with a first block at 32 pixels) on the Zen 5: 90.90% in 15.9 epochs against
-    # densenet-cpu-m's 90.46% in 35.0 (twenty-seventh session; ships as densenet-cpu-m4-30m)
+    # densenet-cpu-m's 90.46% in 35.0 (twenty-seventh session, compiled)
+    # eager again: densenet-cpu-m4's compiled step takes 1.25x its eager one on the Zen 5 (benchmarks/cpu_levers.py
+    # variants --compile); eager, 91.12% in 18.4 epochs against 90.90% in 15.9 compiled (twenty-eighth session;
+    # ships as densenet-cpu-m4-30m)
     "cpu-30m": _cpu_recipe(30, 40, 1.8, "CPU, <= 30 minutes: the quick recipe with densenet-cpu-m4 (k=64, no "
                            "compression, a first block at 32 pixels, GELU, max-pooling transitions) for as many "
                            "epochs as fit (at most 40; "
                            "1.8 warm-up epochs), label smoothing 0.2, lookahead 0.77, BatchNorm momentum 0.4, "
-                           "2-pixel random crops, progressive resizing (24x24 batches in the first half, full size "
-                           "in the last quarter) and torch.compile", model="densenet-cpu-m4",
+                           "2-pixel random crops and progressive resizing (24x24 batches in the first half, full "
+                           "size in the last quarter), eager (torch.compile measured slower for densenet-cpu-m4 on "
+                           "a CPU without AMX)", model="densenet-cpu-m4",
                            model_kwargs=dict(_GELU_MAX), crop_padding=2, label_smoothing=0.2, lookahead=0.77,
-                           bn_momentum=0.4, low_res=24, compile=True),
+                           bn_momentum=0.4, low_res=24),
     # densenet-cpu-m (theta=1) in 90 minutes: 89.49% in 27.9 epochs against densenet-cpu-s's 89.29% in 39.8
     # (one run each, sixth and fifth session); in 30 minutes a tie (87.73% both: docs/TRAINING.md); with blocks
     # 1-4-6 instead of 2-3-2 88.93% in 26.0 epochs (eighth session, a slower day)
@@ -254,8 +258,8 @@ RECIPES: dict[str, dict] = {
     # (twenty-seventh session; ships as densenet-cpu-m4-90m)
     "cpu-90m": _cpu_recipe(90, 120, 3.5, "CPU, <= 90 minutes: the cpu-30m recipe and network (densenet-cpu-m4, GELU, "
                            "max-pooling transitions) with 4-pixel random crops and 12-pixel cutout for as many "
-                           "epochs as fit (at most 120; 3.5 warm-up epochs), eager (torch.compile measured no "
-                           "faster for densenet-cpu-l on CPUs without AMX)",
+                           "epochs as fit (at most 120; 3.5 warm-up epochs), eager (torch.compile measured slower "
+                           "for densenet-cpu-m4 on a CPU without AMX)",
                            model="densenet-cpu-m4",
                            model_kwargs=dict(_GELU_MAX), label_smoothing=0.2, lookahead=0.77, bn_momentum=0.4,
                            low_res=24, cutout=12),
