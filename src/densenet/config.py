@@ -256,6 +256,8 @@ RECIPES: dict[str, dict] = {
     # densenet-cpu-m4 (k=64, a stride-1 stem and blocks 1-2-3-2: one dense layer at 32 pixels, the others at 16, 8
     # and 4) on the Zen 5: 92.23% in 51.0 epochs against densenet-cpu-l's 91.83% in 66.3, 1.3x its step time
     # (twenty-seventh session; ships as densenet-cpu-m4-90m)
+    # wider (k=80): 92.07% in 42.7 epochs, level (twenty-eighth session); two layers at 32 pixels (blocks 2-2-3-2,
+    # a step 1.68x): 91.80% in 33.9 epochs, 0.2-0.7 points behind at equal fractions of the run (twenty-ninth)
     "cpu-90m": _cpu_recipe(90, 120, 3.5, "CPU, <= 90 minutes: the cpu-30m recipe and network (densenet-cpu-m4, GELU, "
                            "max-pooling transitions) with 4-pixel random crops and 12-pixel cutout for as many "
                            "epochs as fit (at most 120; 3.5 warm-up epochs), eager (torch.compile measured slower "
