@@ -227,7 +227,7 @@ RECIPES: dict[str, dict] = {
     # densenet-cpu-m's 90.46% in 35.0 (twenty-seventh session, compiled)
     # eager again: densenet-cpu-m4's compiled step takes 1.25x its eager one on the Zen 5 (benchmarks/cpu_levers.py
     # variants --compile); eager, 91.12% in 18.4 epochs against 90.90% in 15.9 compiled (twenty-eighth session;
-    # ships as densenet-cpu-m4-30m)
+    # ships as densenet-cpu-m4-30m); seed 1: 90.84% in 18.1 epochs (twenty-ninth session)
     "cpu-30m": _cpu_recipe(30, 40, 1.8, "CPU, <= 30 minutes: the quick recipe with densenet-cpu-m4 (k=64, no "
                            "compression, a first block at 32 pixels, GELU, max-pooling transitions) for as many "
                            "epochs as fit (at most 40; "
