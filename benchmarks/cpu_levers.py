@@ -20,8 +20,10 @@ Its parts, each run on a quiet machine (nothing else of yours beside it):
         --variants '{"relu": {}, "gelu": {"activation": "gelu"}, "relu-max": {"transition_pool": "max"}}'
 
     # where a training step's time goes (torch.profiler, self CPU time by operator, summed over
-    # steps): convolutions, BatchNorm, ReLU, concatenation, the rest
+    # steps): convolutions, BatchNorm, ReLU or GELU, pooling, concatenation, the rest
     .venv/bin/python benchmarks/cpu_levers.py profile --model densenet-cpu-s --batch 128
+    .venv/bin/python benchmarks/cpu_levers.py profile --model densenet-cpu-m4 --amp bf16 \\
+        --model-kwargs '{"activation": "gelu", "transition_pool": "max"}'
 
     # multi-view test-time augmentation of trained weights: the mirror and 1- or 2-pixel shifts
     # (reflection padding) of every test image, alone and averaged in the usual combinations
@@ -126,22 +128,28 @@ STEP_FAMILIES = {
     "convolution": ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution"),
     "batchnorm": ("aten::native_batch_norm", "aten::native_batch_norm_backward"),
     "relu": ("aten::relu_", "aten::clamp_min_", "aten::clamp_min", "aten::threshold_backward", "aten::relu"),
+    "gelu": ("aten::gelu", "aten::gelu_backward"),
+    "pooling": ("aten::max_pool2d_with_indices", "aten::max_pool2d_with_indices_backward", "aten::avg_pool2d",
+                "aten::avg_pool2d_backward"),
     "concatenation": ("aten::cat",),
 }
 
 
-def step_profile(model_name: str, batch: int, warmup: int = 4, steps: int = 8) -> list[dict]:
-    """Self CPU time per operator family of a channels_last training step (label smoothing as the recipes)."""
+def step_profile(model_name: str, batch: int, amp: str = "none", overrides: dict | None = None,
+                 warmup: int = 4, steps: int = 8) -> list[dict]:
+    """Self CPU time per operator family of a channels_last training step (label smoothing as the
+    recipes), the model built with the constructor ``overrides``, in bf16 autocast with ``amp="bf16"``."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
-    model = create_model(model_name).to(memory_format=torch.channels_last)
+    model = create_model(model_name, **(overrides or {})).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
 
     def step():
-        loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+            loss = F.cross_entropy(model(x).float(), y, label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -161,7 +169,8 @@ def step_profile(model_name: str, batch: int, warmup: int = 4, steps: int = 8) -
         family = family_of.get(op, "other")
         shares[family] = shares.get(family, 0.0) + us
     top = sorted(self_us.items(), key=lambda kv: -kv[1])[:8]
-    return [{"model": model_name, "batch": batch, "seconds_per_step_profiled": round(seconds, 3),
+    return [{"model": model_name, "overrides": overrides or {}, "batch": batch, "amp": amp,
+             "seconds_per_step_profiled": round(seconds, 3),
              "threads": torch.get_num_threads(),
              "share": {k: round(v / total, 3) for k, v in sorted(shares.items(), key=lambda kv: -kv[1])},
              "top_operators": {k: round(v / total, 3) for k, v in top}}]
@@ -212,13 +221,21 @@ def tta_views(weights: str, data_dir: str) -> list[dict]:
     return [dict(row, weights=weights) for row in rows]
 
 
+def _json_object(text: str, flag: str) -> dict:
+    """The JSON object that ``flag`` was given, or a one-line exit naming the flag."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise SystemExit(f"cpu_levers.py: error: {flag} is not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"cpu_levers.py: error: {flag} must be a JSON object")
+    return value
+
+
 def _variants(text: str) -> dict[str, dict]:
     """--variants: a non-empty JSON object of name -> object of constructor overrides."""
-    try:
-        variants = json.loads(text)
-    except ValueError as e:
-        raise SystemExit(f"cpu_levers.py: error: --variants is not JSON ({e})") from None
-    if not variants or not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+    variants = _json_object(text, "--variants")
+    if not variants or not all(isinstance(v, dict) for v in variants.values()):
         raise SystemExit('cpu_levers.py: error: --variants must be a JSON object {"name": {overrides}, ...}')
     return variants
 
@@ -252,6 +269,8 @@ def main() -> None:
     a.add_argument("--out-dir", default=None)
     pr = sub.add_parser("profile")
     pr.add_argument("--model", default="densenet-cpu-s")
+    pr.add_argument("--model-kwargs", default="{}", help="JSON of constructor overrides")
+    pr.add_argument("--amp", choices=("none", "bf16"), default="none")
     pr.add_argument("--batch", type=int, default=128)
     pr.add_argument("--threads", type=int, default=None)
     v = sub.add_parser("tta")
@@ -279,7 +298,7 @@ def main() -> None:
         return
 
     if args.part == "profile":
-        for row in step_profile(args.model, args.batch):
+        for row in step_profile(args.model, args.batch, args.amp, _json_object(args.model_kwargs, "--model-kwargs")):
             print(json.dumps(row), flush=True)
         return
 
