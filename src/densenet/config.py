@@ -230,6 +230,7 @@ RECIPES: dict[str, dict] = {
     # eager again: densenet-cpu-m4's compiled step takes 1.25x its eager one on the Zen 5 (benchmarks/cpu_levers.py
     # variants --compile); eager, 91.12% in 18.4 epochs against 90.90% in 15.9 compiled (twenty-eighth session;
     # ships as densenet-cpu-m4-30m); seed 1: 90.84% in 18.1 epochs (twenty-ninth session)
+    # 12-pixel cutout (cpu-90m's): 90.60% in 17.5 epochs, training accuracy 92.0% against 97.2% (thirtieth session)
     "cpu-30m": _cpu_recipe(30, 40, 1.8, "CPU, <= 30 minutes: the quick recipe with densenet-cpu-m4 (k=64, no "
                            "compression, a first block at 32 pixels, GELU, max-pooling transitions) for as many "
                            "epochs as fit (at most 40; "
