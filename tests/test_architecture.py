@@ -17,7 +17,8 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURE.md"
 LAYERS: list[tuple[str, set[str]]] = [
     ("package root and errors", {"__init__", "errors"}),
     ("runtime and files", {"runtime", "files"}),
-    ("parts", {"models", "resnet", "data", "augment", "distributed", "plots", "onnx_runtime", "pretrained", "lookahead"}),
+    ("parts", {"models", "resnet", "data", "augment", "distributed", "plots", "onnx_runtime", "pretrained", "lookahead",
+               "muon"}),
     ("registry", {"registry"}),
     ("services", {"weights", "inference", "analysis"}),
     ("run building blocks", {"reuse", "config", "rundir"}),

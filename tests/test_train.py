@@ -285,7 +285,7 @@ def test_bn_momentum_reaches_every_batchnorm(tiny_data, tmp_path, monkeypatch):
 def _final_weights(out: Path) -> dict:
     ckpt = state(out / "checkpoint-last.pt")
     return {"model": ckpt["model"], "ema": ckpt["ema"], "lookahead": ckpt["lookahead"],
-            "optimizer": ckpt["optimizer"]["state"]}
+            "optimizer": ckpt["optimizer"]["state"], "muon": (ckpt["muon"] or {"optimizer": {"state": {}}})["optimizer"]["state"]}
 
 
 def _assert_same(a: dict, b: dict) -> None:
@@ -293,8 +293,10 @@ def _assert_same(a: dict, b: dict) -> None:
         assert a[part].keys() == b[part].keys()
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), (part, key)
-    for index, entry in a["optimizer"].items():
-        assert torch.equal(entry["momentum_buffer"], b["optimizer"][index]["momentum_buffer"])
+    for part in ("optimizer", "muon"):
+        assert a[part].keys() == b[part].keys()
+        for index, entry in a[part].items():
+            assert torch.equal(entry["momentum_buffer"], b[part][index]["momentum_buffer"])
 
 
 @pytest.mark.parametrize("stop_step", [6, 8], ids=["between-epochs", "mid-epoch"])
@@ -378,8 +380,10 @@ def test_tensorboard_without_the_package_is_a_one_line_error(tiny_data, monkeypa
 
 
 @pytest.mark.parametrize("options", [dict(cutout=8), dict(color_jitter=0.4), dict(tta=True), dict(amp="bf16"),
-                                     dict(bn_lr_scale=8.0), dict(low_res=16, low_res_ramp=[0.25, 0.75])],
-                         ids=["cutout", "color-jitter", "tta", "bf16", "bn-lr-scale", "low-res"])
+                                     dict(bn_lr_scale=8.0), dict(low_res=16, low_res_ramp=[0.25, 0.75]),
+                                     dict(optimizer="muon", muon_lr=0.1, bn_lr_scale=8.0, channels_last=True,
+                                          lookahead=0.7)],
+                         ids=["cutout", "color-jitter", "tta", "bf16", "bn-lr-scale", "low-res", "muon"])
 def test_training_options_learn_and_resume_exactly(tiny_data, tmp_path, monkeypatch, options):
     kw = dict(epochs=2, **options)
     whole = TR.train(tiny_config(tiny_data, tmp_path / "whole", **kw))
@@ -392,6 +396,12 @@ def test_training_options_learn_and_resume_exactly(tiny_data, tmp_path, monkeypa
     resumed = TR.train(tiny_config(tiny_data, tmp_path / "split", resume="auto", **kw))
     _assert_same(_final_weights(tmp_path / "whole"), _final_weights(tmp_path / "split"))
     assert resumed.final_test_acc == whole.final_test_acc
+    if options.get("optimizer") == "muon":  # Muon holds the filters, kept at unit length; SGD the rest
+        ckpt = state(tmp_path / "whole" / "checkpoint-last.pt")
+        filters = [v for k, v in ckpt["model"].items() if v.ndim == 4]
+        assert len(ckpt["muon"]["optimizer"]["state"]) == len(filters) == 9
+        others = [k for k, v in ckpt["model"].items() if v.ndim in (1, 2) and "running_" not in k]
+        assert len(ckpt["optimizer"]["state"]) == len(others)
 
 
 def test_compiled_memory_efficient_training_learns(tiny_data, tmp_path):

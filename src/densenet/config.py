@@ -27,18 +27,19 @@ from densenet.errors import ConfigError
 from densenet.registry import create_model
 from densenet.runtime import resolve_device
 
-__all__ = ["TrainConfig", "RECIPES", "SCHEDULES", "AMPS", "PROGRESS", "RESUME_FIXED", "make_config",
+__all__ = ["TrainConfig", "RECIPES", "SCHEDULES", "OPTIMIZERS", "AMPS", "PROGRESS", "RESUME_FIXED", "make_config",
            "recipe_settings", "config_fields", "parse_milestones", "milestone_epochs", "warmup_epochs",
            "validate", "lr_factor", "augment_settings", "model_overrides", "add_config_arguments",
            "explicit_settings", "format_recipes"]
 
 SCHEDULES = ("step", "cosine", "onecycle", "constant")
+OPTIMIZERS = ("sgd", "muon")
 AMPS = ("none", "bf16", "fp16", "auto")
 PROGRESS = ("auto", "bar", "lines", "none")
 DATASETS = ("cifar10", "cifar100")
 # settings a resumed run must share with its checkpoint (they define the model and the batches)
 RESUME_FIXED = ("model", "model_kwargs", "dataset", "batch_size", "seed", "subset", "val_split", "dropout",
-                "num_classes", "whiten", "bn_lr_scale")
+                "num_classes", "whiten", "bn_lr_scale", "optimizer")
 
 # flag groups of `densenet train --help`, in order
 MODEL, OPTIM, AUGMENT, HARDWARE, RUN = "model and data", "optimisation", "augmentation and evaluation", "hardware", "run"
@@ -90,6 +91,12 @@ class TrainConfig:
     momentum: float = setting(0.9, "SGD momentum", OPTIM)
     nesterov: bool = setting(False, "Nesterov momentum", OPTIM)
     weight_decay: float = setting(1e-4, "on all parameters (as in the paper)", OPTIM)
+    optimizer: str = setting("sgd", "sgd: SGD for every parameter; muon: torch.optim.Muon for the convolution "
+                             "filters (as out x in*k*k matrices, kept at unit length: each filter feeds a "
+                             "BatchNorm) and SGD for the rest", OPTIM, choices=OPTIMIZERS)
+    muon_lr: float = setting(0.05, "--optimizer muon: the filters' peak learning rate (about the angle, in "
+                             "radians, a filter turns by per step; scheduled as --lr)", OPTIM, metavar="LR")
+    muon_momentum: float = setting(0.95, "--optimizer muon: Muon's (Nesterov) momentum", OPTIM, metavar="M")
     bn_lr_scale: float = setting(1.0, "learning-rate multiplier for the BatchNorm weights and biases, whose weight "
                                  "decay is divided by it (fast CIFAR trainers' higher BN learning rate)", OPTIM,
                                  metavar="X")
@@ -360,6 +367,9 @@ def validate(config: TrainConfig) -> None:
     need(not (c.nesterov and c.momentum == 0), "--nesterov needs a momentum above 0")
     need(c.weight_decay >= 0, f"--weight-decay must not be negative, got {c.weight_decay}")
     need(c.bn_lr_scale > 0, f"--bn-lr-scale must be positive, got {c.bn_lr_scale}")
+    need(c.optimizer in OPTIMIZERS, f"unknown --optimizer {c.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    need(c.muon_lr > 0 and math.isfinite(c.muon_lr), f"--muon-lr must be positive, got {c.muon_lr}")
+    need(0 <= c.muon_momentum < 1, f"--muon-momentum must be in [0, 1), got {c.muon_momentum}")
     need(c.schedule in SCHEDULES, f"unknown --schedule {c.schedule!r}; choose one of {', '.join(SCHEDULES)}")
     need(0 < c.gamma <= 1, f"--gamma must be in (0, 1], got {c.gamma}")
     if c.schedule == "step":
@@ -415,6 +425,8 @@ def validate(config: TrainConfig) -> None:
     device = resolve_device(c.device)
     need(not (c.amp == "fp16" and device.type == "cpu"),
          "--amp fp16 training needs CUDA (loss scaling); use --amp bf16 on the CPU (as densenet bench says too)")
+    need(not (c.amp == "fp16" and c.optimizer == "muon"),
+         "--optimizer muon does not take --amp fp16 (its loss scaling); use --amp bf16")
     need(not c.sync_bn or device.type == "cuda",
          "--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU)")
     with torch.device("meta"):  # the name and the keyword arguments must build a model

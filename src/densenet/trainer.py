@@ -58,6 +58,7 @@ from densenet.files import remove_stale_temporaries
 from densenet.inference import evaluate, tta_views
 from densenet.lookahead import Lookahead
 from densenet.models import whiten_stem
+from densenet.muon import FilterMuon, filter_parameters
 from densenet.plots import plot_curves
 from densenet.registry import create_model
 from densenet.rundir import RunDir, default_out_dir, find_resume_checkpoint
@@ -84,16 +85,19 @@ def seeded_subset(dataset, n: int | None, seed: int):
     return dataclasses.replace(dataset, images=dataset.images[idx], labels=dataset.labels[idx])
 
 
-def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
-    """The optimizer's parameter groups: one, or with ``bn_lr_scale`` != 1 a second one holding the
-    BatchNorm weights and biases at ``lr x scale`` and ``weight_decay / scale``."""
+def parameter_groups(model: torch.nn.Module, config: TrainConfig, exclude=()) -> list[dict]:
+    """The SGD optimizer's parameter groups: one, or with ``bn_lr_scale`` != 1 a second one holding the
+    BatchNorm weights and biases at ``lr x scale`` and ``weight_decay / scale``. ``exclude``: parameters
+    another optimizer takes (--optimizer muon: the convolution filters)."""
+    taken = {id(p) for p in exclude}
+    params = [p for p in model.parameters() if id(p) not in taken]
     scale = config.bn_lr_scale
     if scale == 1:
-        return [{"params": list(model.parameters())}]
+        return [{"params": params}]
     norms = {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
              for p in m.parameters(recurse=False)}
-    return [{"params": [p for p in model.parameters() if id(p) not in norms]},
-            {"params": [p for p in model.parameters() if id(p) in norms],
+    return [{"params": [p for p in params if id(p) not in norms]},
+            {"params": [p for p in params if id(p) in norms],
              "lr": config.lr * scale, "weight_decay": config.weight_decay / scale}]
 
 
@@ -459,13 +463,18 @@ class Trainer:
         # dynamic=False: one graph specialised to each input size (progressive resizing has three and the
         # batches are all full) rather than dynamo's shape-generic graph from the second size on
         self.train_model = torch.compile(trained, dynamic=False) if c.compile else trained
+        # --optimizer muon: Muon takes the convolution filters (and rescales them to unit length now)
+        self.muon = (FilterMuon(filter_parameters(self.model), lr=c.muon_lr, momentum=c.muon_momentum)
+                     if c.optimizer == "muon" else None)
         self.optimizer = torch.optim.SGD(
-            parameter_groups(self.model, c), lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
-            weight_decay=c.weight_decay,
+            parameter_groups(self.model, c, exclude=self.muon.filters if self.muon else ()), lr=c.lr,
+            momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay,
         )
         spe = self.steps_per_epoch
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           lambda s: lr_factor(s, spe, c, self.total_steps()))
+        self.optimizers = [self.optimizer] + ([self.muon] if self.muon else [])
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, spe, c, self.total_steps()))
+                           for opt in self.optimizers]
+        self.scheduler = self.schedulers[0]
         self.scaler = torch.amp.GradScaler(device.type) if c.amp == "fp16" else None
         self.ema = None
         if c.ema:
@@ -501,6 +510,12 @@ class Trainer:
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             self.scheduler.load_state_dict(checkpoint["scheduler"])
+            if self.muon is not None:
+                if not checkpoint.get("muon"):
+                    raise TrainingError("the checkpoint has no Muon state; resume with --optimizer sgd or start "
+                                        "afresh")
+                self.muon.load_state_dict(checkpoint["muon"]["optimizer"])
+                self.schedulers[1].load_state_dict(checkpoint["muon"]["scheduler"])
             if self.scaler is not None and checkpoint.get("scaler"):
                 self.scaler.load_state_dict(checkpoint["scaler"])
             if self.ema is not None:
@@ -536,12 +551,13 @@ class Trainer:
         """
         c = self.config
         self.state.global_step = self.state.epoch * self.steps_per_epoch
-        self.scheduler.last_epoch = self.state.global_step
         factor = lr_factor(self.state.global_step, self.steps_per_epoch, c, self.total_steps())
-        lrs = [base * factor for base in self.scheduler.base_lrs]
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        self.scheduler._last_lr = lrs
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers):
+            scheduler.last_epoch = self.state.global_step
+            lrs = [base * factor for base in scheduler.base_lrs]
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr
+            scheduler._last_lr = lrs
         if self.dist.rank:
             torch.manual_seed(distributed.rank_seed(c.seed, self.dist.rank))
         self.rebased_from = world
@@ -602,6 +618,8 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "muon": ({"optimizer": self.muon.state_dict(), "scheduler": self.schedulers[1].state_dict()}
+                     if self.muon is not None else {}),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "ema": self.ema.state_dict() if self.ema is not None else {},
             "lookahead": self.lookahead.state_dict() if self.lookahead is not None else {},
@@ -880,15 +898,18 @@ class Trainer:
             loss = F.cross_entropy(logits.float(), y, label_smoothing=c.label_smoothing)
         if check_at is not None:
             self._check_finite(loss, *check_at)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:  # fp16 (validate() keeps Muon out of it)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
-            self.optimizer.step()
-        self.scheduler.step()
+            for optimizer in self.optimizers:
+                optimizer.step()
+        for scheduler in self.schedulers:
+            scheduler.step()
         self.state.global_step += 1
         self.cost_done += (x.shape[-1] / self.full_side) ** 2
         if self.lookahead is not None:
