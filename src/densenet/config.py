@@ -94,7 +94,7 @@ class TrainConfig:
     optimizer: str = setting("sgd", "sgd: SGD for every parameter; muon: torch.optim.Muon for the convolution "
                              "filters (as out x in*k*k matrices, kept at unit length: each filter feeds a "
                              "BatchNorm) and SGD for the rest", OPTIM, choices=OPTIMIZERS)
-    muon_lr: float = setting(0.05, "--optimizer muon: the filters' peak learning rate (about the angle, in "
+    muon_lr: float = setting(0.02, "--optimizer muon: the filters' peak learning rate (about the angle, in "
                              "radians, a filter turns by per step; scheduled as --lr)", OPTIM, metavar="LR")
     muon_momentum: float = setting(0.95, "--optimizer muon: Muon's (Nesterov) momentum", OPTIM, metavar="M")
     bn_lr_scale: float = setting(1.0, "learning-rate multiplier for the BatchNorm weights and biases, whose weight "
