@@ -240,6 +240,7 @@ RECIPES: dict[str, dict] = {
     # 12-pixel cutout (cpu-90m's): 90.60% in 17.5 epochs, training accuracy 92.0% against 97.2% (thirtieth session)
     # Muon for the filters (--optimizer muon --muon-lr 0.02): 91.09% in 15.9 epochs in a slower hour, level or ahead
     # at equal fractions of the last quarter (thirty-first session; one run, docs/TRAINING.md)
+    # the recipe again the same day (SGD, seed 0): 90.87% in 17.7 epochs (thirty-second session)
     "cpu-30m": _cpu_recipe(30, 40, 1.8, "CPU, <= 30 minutes: the quick recipe with densenet-cpu-m4 (k=64, no "
                            "compression, a first block at 32 pixels, GELU, max-pooling transitions) for as many "
                            "epochs as fit (at most 40; "
@@ -272,6 +273,7 @@ RECIPES: dict[str, dict] = {
     # a step 1.68x): 91.80% in 33.9 epochs, 0.2-0.7 points behind at equal fractions of the run (twenty-ninth)
     # seed 1 of the recipe: 92.01% in 50.5 epochs against seed 0's 92.23% (thirtieth session)
     # without cutout: 91.79% in 51.0 epochs, training accuracy 99.5% against 96.1-96.2% (thirty-first session)
+    # Muon for the filters (--optimizer muon --muon-lr 0.02): 92.20% in 50.2 epochs, a tie (thirty-second session)
     "cpu-90m": _cpu_recipe(90, 120, 3.5, "CPU, <= 90 minutes: the cpu-30m recipe and network (densenet-cpu-m4, GELU, "
                            "max-pooling transitions) with 4-pixel random crops and 12-pixel cutout for as many "
                            "epochs as fit (at most 120; 3.5 warm-up epochs), eager (torch.compile measured slower "
