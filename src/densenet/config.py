@@ -214,6 +214,7 @@ RECIPES: dict[str, dict] = {
     # 82.73% against 81.95% (docs/TRAINING.md)
     # a layer at 32 pixels (stride-1 stem, blocks 1-1-2-2): 87.06% in 6.9 epochs against 88.22% in 20 on the Zen 5
     # (twenty-ninth session)
+    # Muon for the filters (--optimizer muon --muon-lr 0.02): 88.63% in 18.5 epochs (thirty-second session; one run)
     "quick": _cpu_recipe(10, 20, 0.8, "CPU demo, <= 10 minutes: densenet-cpu-k96 with a whitened stem, as many "
                          "epochs as fit (--fit-epochs, at most 20), batch 128, one-cycle to lr 0.2 (0.8 warm-up "
                          "epochs), Nesterov, wd 5e-4 (BatchNorm: lr x16, wd /16), label smoothing 0.1, alternating "
