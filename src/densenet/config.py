@@ -214,13 +214,17 @@ RECIPES: dict[str, dict] = {
     # 82.73% against 81.95% (docs/TRAINING.md)
     # a layer at 32 pixels (stride-1 stem, blocks 1-1-2-2): 87.06% in 6.9 epochs against 88.22% in 20 on the Zen 5
     # (twenty-ninth session)
-    # Muon for the filters (--optimizer muon --muon-lr 0.02): 88.63% in 18.5 epochs (thirty-second session; one run)
+    # Muon for the filters (--optimizer muon --muon-lr 0.02), each run beside a same-day SGD run of the recipe:
+    # 88.63% in 18.5 epochs against 88.31% in 20 on the Zen 5 (thirty-second session), 88.22% in 9.9 epochs
+    # (seed 1) against 87.70% in 11.8 on an AMX Xeon (thirty-third session); the recipe since then
+    # (--optimizer sgd trains the previous one)
     "quick": _cpu_recipe(10, 20, 0.8, "CPU demo, <= 10 minutes: densenet-cpu-k96 with a whitened stem, as many "
                          "epochs as fit (--fit-epochs, at most 20), batch 128, one-cycle to lr 0.2 (0.8 warm-up "
-                         "epochs), Nesterov, wd 5e-4 (BatchNorm: lr x16, wd /16), label smoothing 0.1, alternating "
+                         "epochs), Muon for the convolution filters (peak lr 0.02, momentum 0.95) and Nesterov SGD "
+                         "for the rest, wd 5e-4 (BatchNorm: lr x16, wd /16), label smoothing 0.1, alternating "
                          "flip and no crops, 6-view TTA (mirror and 1-pixel shifts) in the final evaluation, "
                          "channels_last, bf16 autocast where the CPU computes in bf16 (AMX or AVX-512 BF16: "
-                         "--amp auto)", crop_padding=0, model="densenet-cpu-k96"),
+                         "--amp auto)", crop_padding=0, model="densenet-cpu-k96", optimizer="muon", muon_lr=0.02),
     # cpu-30m: label smoothing 0.2, lookahead and fast BatchNorm statistics (the fast CIFAR trainers' combination)
     # with 2-pixel crops: 87.88% against 87.68-87.73% for every run without all three, and 2-4 points ahead through
     # the middle of the run (ninth session, docs/TRAINING.md); progressive resizing from 24x24: 89.25% in 26.2 epochs
@@ -242,7 +246,10 @@ RECIPES: dict[str, dict] = {
     # Muon for the filters (--optimizer muon --muon-lr 0.02): 91.09% in 15.9 epochs in a slower hour, level or ahead
     # at equal fractions of the last quarter (thirty-first session; one run, docs/TRAINING.md)
     # the recipe again the same day (SGD, seed 0): 90.87% in 17.7 epochs (thirty-second session)
-    "cpu-30m": _cpu_recipe(30, 40, 1.8, "CPU, <= 30 minutes: the quick recipe with densenet-cpu-m4 (k=64, no "
+    # on an AMX Xeon at half the Zen 5's speed, the same day: Muon 90.37% in 10.8 epochs against SGD's 89.89% in
+    # 11.0 (thirty-third session); Muon since then (--optimizer sgd trains the previous recipe)
+    "cpu-30m": _cpu_recipe(30, 40, 1.8, "CPU, <= 30 minutes: the quick recipe (Muon for the filters) with "
+                           "densenet-cpu-m4 (k=64, no "
                            "compression, a first block at 32 pixels, GELU, max-pooling transitions) for as many "
                            "epochs as fit (at most 40; "
                            "1.8 warm-up epochs), label smoothing 0.2, lookahead 0.77, BatchNorm momentum 0.4, "
@@ -250,7 +257,7 @@ RECIPES: dict[str, dict] = {
                            "size in the last quarter), eager (torch.compile measured slower for densenet-cpu-m4 on "
                            "a CPU without AMX)", model="densenet-cpu-m4",
                            model_kwargs=dict(_GELU_MAX), crop_padding=2, label_smoothing=0.2, lookahead=0.77,
-                           bn_momentum=0.4, low_res=24),
+                           bn_momentum=0.4, low_res=24, optimizer="muon", muon_lr=0.02),
     # densenet-cpu-m (theta=1) in 90 minutes: 89.49% in 27.9 epochs against densenet-cpu-s's 89.29% in 39.8
     # (one run each, sixth and fifth session); in 30 minutes a tie (87.73% both: docs/TRAINING.md); with blocks
     # 1-4-6 instead of 2-3-2 88.93% in 26.0 epochs (eighth session, a slower day)
@@ -276,7 +283,7 @@ RECIPES: dict[str, dict] = {
     # without cutout: 91.79% in 51.0 epochs, training accuracy 99.5% against 96.1-96.2% (thirty-first session)
     # Muon for the filters (--optimizer muon --muon-lr 0.02): 92.20% in 50.2 epochs, a tie (thirty-second session)
     "cpu-90m": _cpu_recipe(90, 120, 3.5, "CPU, <= 90 minutes: the cpu-30m recipe and network (densenet-cpu-m4, GELU, "
-                           "max-pooling transitions) with 4-pixel random crops and 12-pixel cutout for as many "
+                           "max-pooling transitions) with SGD for every parameter (Muon tied it here), 4-pixel random crops and 12-pixel cutout for as many "
                            "epochs as fit (at most 120; 3.5 warm-up epochs), eager (torch.compile measured slower "
                            "for densenet-cpu-m4 on a CPU without AMX)",
                            model="densenet-cpu-m4",
