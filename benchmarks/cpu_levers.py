@@ -29,6 +29,12 @@ Its parts, each run on a quiet machine (nothing else of yours beside it):
     # (reflection padding) of every test image, alone and averaged in the usual combinations
     .venv/bin/python benchmarks/cpu_levers.py tta --weights densenet-cpu-s-90m --data-dir ../shared/data/cifar10-jpeg
 
+    # ensembles of trained models (shipped names or weights paths): each model's 6-view top-1 (as
+    # `densenet evaluate --tta-translate` computes it), then that of every 2..--max-members of them
+    # with their 6-view logits averaged
+    .venv/bin/python benchmarks/cpu_levers.py ensemble --data-dir ../shared/data/cifar10-jpeg \\
+        --weights densenet-cpu-m4-30m,densenet-cpu-m-30m,densenet-cpu-m4-90m,densenet-cpu-l-90m
+
 Each part prints one JSON line per variant; docs/TRAINING.md ("What each lever gave") lists the
 figures and the commands that produced them.
 """
@@ -221,6 +227,40 @@ def tta_views(weights: str, data_dir: str) -> list[dict]:
     return [dict(row, weights=weights) for row in rows]
 
 
+def ensembles(weights: list[str], data_dir: str, max_members: int = 3) -> list[dict]:
+    """Test top-1 of each model's 6-view logits, then of their mean over every combination of 2 to
+    ``max_members`` models."""
+    import itertools
+
+    from densenet.augment import Augmenter
+    from densenet.data import load_dataset
+    from densenet.inference import align_classes, fast_inference_model, tta_logits
+    from densenet.weights import load_model
+
+    logits, labels = {}, None
+    for name in weights:
+        model, meta = load_model(name)
+        test = align_classes(load_dataset(data_dir, split="test", image_size=int(meta.get("input_size", 32))),
+                             meta["classes"])
+        if labels is not None and not torch.equal(labels, test.labels):
+            raise SystemExit(f"cpu_levers.py: error: {name} was not trained on the first model's classes")
+        labels = test.labels
+        normalise = Augmenter(meta["mean"], meta["std"], channels_last=True)
+        runner = fast_inference_model(model, "cpu", "none")
+        with torch.no_grad():
+            logits[name] = torch.cat([tta_logits(runner, normalise(test.images[start : start + 500], train=False), True)
+                                      for start in range(0, len(test), 500)])
+
+    def top1(z: torch.Tensor) -> float:
+        return round(100 * (z.argmax(1) == labels).float().mean().item(), 2)
+
+    rows = [{"members": [name], "top1": top1(z)} for name, z in logits.items()]
+    for size in range(2, min(max_members, len(weights)) + 1):
+        rows += [{"members": list(members), "top1": top1(sum(logits[m] for m in members) / size)}
+                 for members in itertools.combinations(weights, size)]
+    return rows
+
+
 def _json_object(text: str, flag: str) -> dict:
     """The JSON object that ``flag`` was given, or a one-line exit naming the flag."""
     try:
@@ -277,6 +317,11 @@ def main() -> None:
     v.add_argument("--weights", required=True, help="weights path or shipped model name")
     v.add_argument("--data-dir", required=True)
     v.add_argument("--threads", type=int, default=None)
+    e = sub.add_parser("ensemble")
+    e.add_argument("--weights", required=True, help="comma-separated weights paths or shipped model names")
+    e.add_argument("--data-dir", required=True)
+    e.add_argument("--max-members", type=int, default=3)
+    e.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     set_malloc_policy("retain")
     if args.threads:
@@ -304,6 +349,11 @@ def main() -> None:
 
     if args.part == "tta":
         for row in tta_views(args.weights, args.data_dir):
+            print(json.dumps(row), flush=True)
+        return
+
+    if args.part == "ensemble":
+        for row in ensembles(args.weights.split(","), args.data_dir, args.max_members):
             print(json.dumps(row), flush=True)
         return
 

@@ -242,6 +242,8 @@ RECIPES: dict[str, dict] = {
     # eager again: densenet-cpu-m4's compiled step takes 1.25x its eager one on the Zen 5 (benchmarks/cpu_levers.py
     # variants --compile); eager, 91.12% in 18.4 epochs against 90.90% in 15.9 compiled (twenty-eighth session;
     # ships as densenet-cpu-m4-30m); seed 1: 90.84% in 18.1 epochs (twenty-ninth session)
+    # on an AMX Xeon (family 6 model 207) a compiled step of densenet-cpu-m4 ran at 204-207 images/s against 179-259
+    # eager, the machine's drift larger than the difference (thirty-fourth session): eager still
     # 12-pixel cutout (cpu-90m's): 90.60% in 17.5 epochs, training accuracy 92.0% against 97.2% (thirtieth session)
     # Muon for the filters (--optimizer muon --muon-lr 0.02): 91.09% in 15.9 epochs in a slower hour, level or ahead
     # at equal fractions of the last quarter (thirty-first session; one run, docs/TRAINING.md)
@@ -254,8 +256,8 @@ RECIPES: dict[str, dict] = {
                            "epochs as fit (at most 40; "
                            "1.8 warm-up epochs), label smoothing 0.2, lookahead 0.77, BatchNorm momentum 0.4, "
                            "2-pixel random crops and progressive resizing (24x24 batches in the first half, full "
-                           "size in the last quarter), eager (torch.compile measured slower for densenet-cpu-m4 on "
-                           "a CPU without AMX)", model="densenet-cpu-m4",
+                           "size in the last quarter), eager (torch.compile measured no faster for densenet-cpu-m4 "
+                           "on an AMD Zen 5 or an AMX Xeon)", model="densenet-cpu-m4",
                            model_kwargs=dict(_GELU_MAX), crop_padding=2, label_smoothing=0.2, lookahead=0.77,
                            bn_momentum=0.4, low_res=24, optimizer="muon", muon_lr=0.02),
     # densenet-cpu-m (theta=1) in 90 minutes: 89.49% in 27.9 epochs against densenet-cpu-s's 89.29% in 39.8
@@ -284,8 +286,8 @@ RECIPES: dict[str, dict] = {
     # Muon for the filters (--optimizer muon --muon-lr 0.02): 92.20% in 50.2 epochs, a tie (thirty-second session)
     "cpu-90m": _cpu_recipe(90, 120, 3.5, "CPU, <= 90 minutes: the cpu-30m recipe and network (densenet-cpu-m4, GELU, "
                            "max-pooling transitions) with SGD for every parameter (Muon tied it here), 4-pixel random crops and 12-pixel cutout for as many "
-                           "epochs as fit (at most 120; 3.5 warm-up epochs), eager (torch.compile measured slower "
-                           "for densenet-cpu-m4 on a CPU without AMX)",
+                           "epochs as fit (at most 120; 3.5 warm-up epochs), eager (torch.compile measured no "
+                           "faster for densenet-cpu-m4 on an AMD Zen 5 or an AMX Xeon)",
                            model="densenet-cpu-m4",
                            model_kwargs=dict(_GELU_MAX), label_smoothing=0.2, lookahead=0.77, bn_momentum=0.4,
                            low_res=24, cutout=12),
