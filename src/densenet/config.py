@@ -284,6 +284,8 @@ RECIPES: dict[str, dict] = {
     # seed 1 of the recipe: 92.01% in 50.5 epochs against seed 0's 92.23% (thirtieth session)
     # without cutout: 91.79% in 51.0 epochs, training accuracy 99.5% against 96.1-96.2% (thirty-first session)
     # Muon for the filters (--optimizer muon --muon-lr 0.02): 92.20% in 50.2 epochs, a tie (thirty-second session)
+    # on an AMX Intel Xeon (family 6 model 207, half the Zen 5's speed): SGD 91.69% in 30.5 epochs (thirty-fourth
+    # session); Muon 91.84% in 40.7 on a faster day, level at equal fractions from 70% on: no gain (thirty-fifth)
     "cpu-90m": _cpu_recipe(90, 120, 3.5, "CPU, <= 90 minutes: the cpu-30m recipe and network (densenet-cpu-m4, GELU, "
                            "max-pooling transitions) with SGD for every parameter (Muon tied it here), 4-pixel random crops and 12-pixel cutout for as many "
                            "epochs as fit (at most 120; 3.5 warm-up epochs), eager (torch.compile measured no "
