@@ -252,6 +252,8 @@ RECIPES: dict[str, dict] = {
     # 11.0 (thirty-third session); Muon since then (--optimizer sgd trains the previous recipe)
     # ReLU instead of GELU on that Xeon: 90.94% in 17.6 epochs against 90.77% in 14.4 the same night, a tie within a
     # seed's spread (thirty-fifth session): GELU stays
+    # --muon-lr 0.01 on that Xeon in a slow hour: 90.29% in 11.0 epochs against 0.02's 90.37% in 10.8 on a slow
+    # evening, ahead through 64% of the run, level at the end (thirty-sixth session): 0.02 stays
     "cpu-30m": _cpu_recipe(30, 40, 1.8, "CPU, <= 30 minutes: the quick recipe (Muon for the filters) with "
                            "densenet-cpu-m4 (k=64, no "
                            "compression, a first block at 32 pixels, GELU, max-pooling transitions) for as many "
@@ -288,6 +290,8 @@ RECIPES: dict[str, dict] = {
     # Muon for the filters (--optimizer muon --muon-lr 0.02): 92.20% in 50.2 epochs, a tie (thirty-second session)
     # on an AMX Intel Xeon (family 6 model 207, half the Zen 5's speed): SGD 91.69% in 30.5 epochs (thirty-fourth
     # session); Muon 91.84% in 40.7 on a faster day, level at equal fractions from 70% on: no gain (thirty-fifth)
+    # Muon at --muon-lr 0.01 there: 92.03% in 40.7 epochs, ahead of 0.02 through 59% of the run and by 0.19 at the
+    # end, within a seed's spread (thirty-sixth session): SGD stays until a same-night pair or second seed
     "cpu-90m": _cpu_recipe(90, 120, 3.5, "CPU, <= 90 minutes: the cpu-30m recipe and network (densenet-cpu-m4, GELU, "
                            "max-pooling transitions) with SGD for every parameter (Muon tied it here), 4-pixel random crops and 12-pixel cutout for as many "
                            "epochs as fit (at most 120; 3.5 warm-up epochs), eager (torch.compile measured no "
