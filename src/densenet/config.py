@@ -291,7 +291,9 @@ RECIPES: dict[str, dict] = {
     # on an AMX Intel Xeon (family 6 model 207, half the Zen 5's speed): SGD 91.69% in 30.5 epochs (thirty-fourth
     # session); Muon 91.84% in 40.7 on a faster day, level at equal fractions from 70% on: no gain (thirty-fifth)
     # Muon at --muon-lr 0.01 there: 92.03% in 40.7 epochs, ahead of 0.02 through 59% of the run and by 0.19 at the
-    # end, within a seed's spread (thirty-sixth session): SGD stays until a same-night pair or second seed
+    # end, within a seed's spread (thirty-sixth session); a second 0.01 run on a slower night: 91.88% in 33.0 epochs,
+    # ahead of the SGD run at equal fractions from 21% to 88% of the run and by 0.19 at the end with 8% more epochs
+    # (thirty-seventh session): three Muon runs above one SGD run there, each by less than a seed's spread; SGD stays
     "cpu-90m": _cpu_recipe(90, 120, 3.5, "CPU, <= 90 minutes: the cpu-30m recipe and network (densenet-cpu-m4, GELU, "
                            "max-pooling transitions) with SGD for every parameter (Muon tied it here), 4-pixel random crops and 12-pixel cutout for as many "
                            "epochs as fit (at most 120; 3.5 warm-up epochs), eager (torch.compile measured no "
