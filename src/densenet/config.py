@@ -251,7 +251,8 @@ RECIPES: dict[str, dict] = {
     # on an AMX Xeon at half the Zen 5's speed, the same day: Muon 90.37% in 10.8 epochs against SGD's 89.89% in
     # 11.0 (thirty-third session); Muon since then (--optimizer sgd trains the previous recipe)
     # ReLU instead of GELU on that Xeon: 90.94% in 17.6 epochs against 90.77% in 14.4 the same night, a tie within a
-    # seed's spread (thirty-fifth session): GELU stays
+    # seed's spread (thirty-fifth session); ReLU seed 1 on a slower night: 90.03% in 11.7 epochs against GELU's
+    # 90.29-90.37% in 10.8-11.0 on slow evenings (thirty-seventh session): GELU stays
     # --muon-lr 0.01 on that Xeon in a slow hour: 90.29% in 11.0 epochs against 0.02's 90.37% in 10.8 on a slow
     # evening, ahead through 64% of the run, level at the end (thirty-sixth session): 0.02 stays
     "cpu-30m": _cpu_recipe(30, 40, 1.8, "CPU, <= 30 minutes: the quick recipe (Muon for the filters) with "
