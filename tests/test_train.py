@@ -528,6 +528,34 @@ def test_time_budget_keeps_room_for_the_final_evaluation(tiny_data, tmp_path, mo
     assert result.wall_seconds < 4
 
 
+def test_time_budget_holds_a_final_evaluation_slower_than_the_ones_before(tiny_data, tmp_path, monkeypatch):
+    # on a virtual clock: each step takes 1 s (12 an epoch), each plain evaluation 4 s, and the final one
+    # with its extra TTA view 8.8 s, 10% slower per view than the ones before (a machine slowing down).
+    # The reserve, 1.2 x 2 views x 4 s = 9.6 s, stops epoch 6 (80-92 s) after step 8 (88 > 97 - 9.6) and
+    # the run ends at 96.8 s; a reserve of the last evaluation's 8 s would stop after step 10 and end at
+    # 98.8 s, past the 97 s budget
+    clock = [0.0]
+
+    def advance(seconds):
+        clock[0] += seconds
+
+    real = TR.evaluate
+
+    def timed(*args, tta=False, **kwargs):
+        advance(8.8 if tta else 4.0)
+        return real(*args, tta=tta, **kwargs)
+
+    monkeypatch.setattr(TR, "time", argparse.Namespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(TR, "step_hooks", lambda: [lambda step: advance(1.0)])
+    monkeypatch.setattr(TR, "evaluate", timed)
+    out = tmp_path / "run"
+    result = TR.train(tiny_config(tiny_data, out, epochs=50, batch_size=8, max_minutes=97 / 60, final_tta=True))
+    assert result.stop_reason == "time budget"
+    ckpt = state(out / "checkpoint-last.pt")
+    assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (5, 8)
+    assert result.wall_seconds == pytest.approx(96.8)
+
+
 def test_fitting_epochs_arithmetic():
     # 100 steps of 0.5 s and a 10 s evaluation: 60 s an epoch; 600 s less the 4% margin, 20 s spent after
     # 10 steps: 556 s left, 926 more steps
@@ -541,6 +569,17 @@ def test_fitting_epochs_arithmetic():
     assert TR.fitting_epochs(600, 20, 0.5, 250, 100, 10, 1, most=50) == 11.76
     # 9.06 epochs would fit: not a stub of 6 steps at the end, 9 whole epochs
     assert TR.fitting_epochs(600, 20, 0.5, 10, 100, 10, 1, most=50, extra_seconds=18) == 9.0
+
+
+def test_budget_reserve_arithmetic():
+    # per-view seconds 10, 14, 9, 8 so far: the slowest of the last three (14 s) for a 6-view final
+    # evaluation, 20% more, and twice the last checkpoint's 1.5 s write
+    assert TR.budget_reserve([10.0, 14.0, 9.0, 8.0], 6, 1.5) == pytest.approx(1.2 * 6 * 14 + 3)
+    # an evaluation four back no longer counts: only the last three price the final one
+    assert TR.budget_reserve([30.0, 14.0, 9.0, 8.0], 6, 0.0) == pytest.approx(1.2 * 6 * 14)
+    assert TR.budget_reserve([8.0], 2, 0.5) == pytest.approx(1.2 * 2 * 8 + 1)
+    # nothing evaluated yet (a resumed run before its first evaluation): only the writes
+    assert TR.budget_reserve([], 6, 1.5) == 3
 
 
 def test_fitting_epochs_counts_cheaper_steps():

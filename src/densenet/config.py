@@ -155,8 +155,8 @@ class TrainConfig:
                                  "newest unfinished runs/<model>-*) if there is a checkpoint, else start afresh",
                                  RUN, metavar="PATH|auto")
     max_minutes: float | None = setting(None, "stop cleanly after this much wall time in this process (from the "
-                                        "loading of the data on), less what the final evaluation will take "
-                                        "(as long as the last one took)", RUN)
+                                        "loading of the data on), less what the final evaluation and the "
+                                        "weights will take (priced from the last evaluations, with a margin)", RUN)
     fit_epochs: bool = setting(False, "with --max-minutes: time the first optimizer steps and lower --epochs to "
                                "what fits in the budget, evaluations included, the last epoch possibly cut short; "
                                "fit again after each epoch from its measured time (the schedule follows; a resumed "

@@ -240,6 +240,22 @@ def fitting_epochs(budget: float, elapsed: float, seconds_per_step: float, steps
     return max(least, min(most, steps / steps_per_epoch))
 
 
+# A run with a time budget stops early enough for what follows its last step: a checkpoint, the final
+# evaluation and the weights. The final evaluation is priced at the slowest per-view time of the last
+# RESERVE_EVALS evaluations, RESERVE_MARGIN more for a machine that slows down meanwhile (on the
+# shared Xeon the final 6-view evaluation took up to 1.26x the time per view of the evaluation before).
+RESERVE_EVALS = 3
+RESERVE_MARGIN = 1.2
+
+
+def budget_reserve(view_seconds: list[float], final_views: int, write_seconds: float) -> float:
+    """The seconds a budgeted run keeps for its end: a final evaluation of ``final_views`` views, given
+    the per-view seconds of the evaluations so far (none: nothing to price it by), and twice the last
+    checkpoint's ``write_seconds`` (the checkpoint of the stop, then the smaller weights twice)."""
+    evaluation = RESERVE_MARGIN * final_views * max(view_seconds[-RESERVE_EVALS:]) if view_seconds else 0.0
+    return evaluation + 2 * write_seconds
+
+
 def step_hooks() -> list[Callable[[int], None]]:
     """Callbacks run after every optimizer step with the global step count: the test hooks.
 
@@ -288,7 +304,8 @@ class Trainer:
         self.state = RunState()
         self.on_step = step_hooks()
         self._tb = None
-        self.final_reserve = 0.0  # seconds the final evaluation will take, as far as known (_budget_spent)
+        self.final_reserve = 0.0  # seconds the end of a budgeted run will take, as far as known (_budget_spent)
+        self.view_seconds: list[float] = []  # the seconds of each evaluation so far, per view
         self.cost_done = 0.0  # this process's optimizer steps, each weighted by its pixels (--low-res: < 1)
         self.side = None  # the side of the last training batch (--low-res reports its changes)
 
@@ -765,8 +782,7 @@ class Trainer:
 
     def _budget_spent(self, budget: float | None) -> bool:
         """Whether a run with ``budget`` seconds must stop now: the budget counts the final evaluation
-        and the weights too, so it stops early by the time the last evaluation took (with the final
-        one's extra TTA view)."""
+        and the weights too, so it stops early by ``final_reserve`` (see :func:`budget_reserve`)."""
         return budget is not None and time.monotonic() - self.t0 > budget - self.final_reserve
 
     def _eval_views(self) -> tuple[int, int]:
@@ -952,9 +968,9 @@ class Trainer:
                 result = self._evaluate(split, final=epoch + 1 == c.epochs)
                 row[f"{split}_loss"], row[f"{split}_acc"] = result["loss"], result["top1"]
         row["eval_seconds"] = time.monotonic() - t_eval
+        views, extra = self._eval_views()
         if row["test_acc"] is not None or row["val_acc"] is not None:
-            views, extra = self._eval_views()
-            self.final_reserve = row["eval_seconds"] * (views + extra) / views
+            self.view_seconds.append(row["eval_seconds"] / views)
         row["peak_memory_mb"] = peak_memory_mb(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -967,13 +983,17 @@ class Trainer:
             state.best_acc, state.best_epoch = select, epoch + 1
         state.epoch, state.step_in_epoch, state.partial = epoch + 1, 0, None
         checkpoint = self._checkpoint(finished=state.epoch >= c.epochs)
+        write_seconds = 0.0  # rank 0 writes
         if self.dist.is_main:
             if improved:  # best first: if it fails, last still points at the epoch before, which is redone
                 self._save(self.run_dir.best, checkpoint)
+            t_write = time.monotonic()
             self._save(self.run_dir.last, checkpoint)
+            write_seconds = time.monotonic() - t_write
             self.run_dir.write_metrics(state.history)
             self._log_tensorboard(row)
             plot_curves(state.history, self.run_dir.curves, title=f"{c.model} ({c.dataset})")
+        self.final_reserve = budget_reserve(self.view_seconds, views + extra, write_seconds)
         self._report_epoch(row)
 
     def _eval_model(self):
