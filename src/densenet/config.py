@@ -294,7 +294,8 @@ RECIPES: dict[str, dict] = {
     # Muon at --muon-lr 0.01 there: 92.03% in 40.7 epochs, ahead of 0.02 through 59% of the run and by 0.19 at the
     # end, within a seed's spread (thirty-sixth session); a second 0.01 run on a slower night: 91.88% in 33.0 epochs,
     # ahead of the SGD run at equal fractions from 21% to 88% of the run and by 0.19 at the end with 8% more epochs
-    # (thirty-seventh session): three Muon runs above one SGD run there, each by less than a seed's spread; SGD stays
+    # (thirty-seventh session); a second SGD run there: 91.87% in 36.6 epochs, level with it (thirty-eighth session):
+    # five runs on that Xeon within 0.34 points, Muon ahead most of the way and level at the end; SGD stays
     "cpu-90m": _cpu_recipe(90, 120, 3.5, "CPU, <= 90 minutes: the cpu-30m recipe and network (densenet-cpu-m4, GELU, "
                            "max-pooling transitions) with SGD for every parameter (Muon tied it here), 4-pixel random crops and 12-pixel cutout for as many "
                            "epochs as fit (at most 120; 3.5 warm-up epochs), eager (torch.compile measured no "
