@@ -106,6 +106,12 @@ def test_numbers_are_the_runs_own(runs, report):
         assert row[2] == f"{config['resolved']['parameters']:,}"
         assert row[5] == str(config["resolved"]["test_images"]) == "12"
         assert row[7] == f"{100 * meta['training']['final_test_acc']:.2f}%"
+    # each run's own table names what its final accuracy was measured on: one plain view of each image
+    finals = [row for table in parsed.tables for row in table if row[:1] == ["final test accuracy"]]
+    for row, name in zip(finals, ("A", "B"), strict=True):
+        training = json.loads((runs / name / "model.json").read_text())["training"]
+        assert training["final_test_views"] == 1
+        assert row[1] == f"{100 * training['final_test_acc']:.2f}% (on 12 test images, 1 view of each)"
     # per-class tables: A from its confusion.json, B evaluated by the report (equal to densenet evaluate)
     class_tables = [t for t in parsed.tables if t[0] == ["class", "correct", "total", "accuracy"]]
     assert len(class_tables) == 2

@@ -556,6 +556,37 @@ def test_time_budget_holds_a_final_evaluation_slower_than_the_ones_before(tiny_d
     assert result.wall_seconds == pytest.approx(96.8)
 
 
+def test_budget_stop_at_an_epoch_boundary_reports_the_views_it_measured(tiny_data, tmp_path, monkeypatch, capsys):
+    # on a virtual clock: 1 s a step (12 an epoch), 4 s a plain evaluation. With 56 s the reserve of
+    # 1.2 x 2 views x 4 s = 9.6 s is reached by epoch 3's evaluation (44-48 s, past 46.4), not by a step:
+    # the run stops at that epoch's end, with no time for the --final-tta evaluation, and its final
+    # accuracy is epoch 3's single view, recorded as such
+    clock = [0.0]
+
+    def advance(seconds):
+        clock[0] += seconds
+
+    real = TR.evaluate
+
+    def timed(*args, tta=False, **kwargs):
+        advance(8.0 if tta else 4.0)
+        return real(*args, tta=tta, **kwargs)
+
+    monkeypatch.setattr(TR, "time", argparse.Namespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(TR, "step_hooks", lambda: [lambda step: advance(1.0)])
+    monkeypatch.setattr(TR, "evaluate", timed)
+    out = tmp_path / "run"
+    result = TR.train(tiny_config(tiny_data, out, epochs=50, batch_size=8, max_minutes=56 / 60, final_tta=True,
+                                  progress="lines"))
+    assert result.stop_reason == "time budget" and result.wall_seconds == pytest.approx(48)
+    assert (state(out / "checkpoint-last.pt")["epoch"], state(out / "checkpoint-last.pt")["step_in_epoch"]) == (3, 0)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    training = json.loads((out / "model.json").read_text())["training"]
+    assert [row["test_views"] for row in rows] == [1, 1, 1]
+    assert training["final_test_acc"] == rows[-1]["test_acc"] and training["final_test_views"] == 1
+    assert f"final test accuracy {100 * rows[-1]['test_acc']:.2f}% (1 view)" in capsys.readouterr().out
+
+
 def test_fitting_epochs_arithmetic():
     # 100 steps of 0.5 s and a 10 s evaluation: 60 s an epoch; 600 s less the 4% margin, 20 s spent after
     # 10 steps: 556 s left, 926 more steps
@@ -677,16 +708,21 @@ def test_final_tta_evaluates_the_mirror_only_at_the_end(tiny_data, tmp_path, mon
         translated.append(kwargs["tta_translate"])
         return real(*args, **kwargs)
 
+    def views(name):  # each epoch's test views, and those the final accuracy was measured on
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        meta = json.loads((tmp_path / name / "model.json").read_text())
+        return [row["test_views"] for row in rows], meta["training"]["final_test_views"]
+
     monkeypatch.setattr(TR, "evaluate", spy)
     TR.train(tiny_config(tiny_data, tmp_path / "run", epochs=3, final_tta=True))
-    assert seen == [False, False, True]
+    assert seen == [False, False, True] and views("run") == ([1, 1, 2], 2)
     seen.clear()
     TR.train(tiny_config(tiny_data, tmp_path / "every", epochs=2, tta=True, final_tta=True))
-    assert seen == [True, True]
+    assert seen == [True, True] and views("every") == ([2, 2], 2)
     seen.clear()
     translated.clear()
     TR.train(tiny_config(tiny_data, tmp_path / "translate", epochs=2, final_tta=True, tta_translate=True))
-    assert seen == [False, True] and translated == [False, True]
+    assert seen == [False, True] and translated == [False, True] and views("translate") == ([1, 6], 6)
 
 
 def test_translation_tta_needs_tta(tiny_data, tmp_path):

@@ -57,7 +57,10 @@ def _pct(value) -> str:
 
 
 def _images(run: dict[str, Any]) -> str:
-    return f" (on {run['test_images']:,} test images)" if run["test_images"] else ""
+    views = run.get("final_test_views")
+    on = [f"{run['test_images']:,} test images"] if run["test_images"] else []
+    on += [f"{views} view{'s' if views != 1 else ''} of each"] if views else []
+    return f" (on {', '.join(on)})" if on else ""
 
 
 def _table(headers: list[str] | None, rows: list[list[Any]], numeric_from: int = 1) -> str:

@@ -134,7 +134,8 @@ def read_run(path: str | Path) -> dict[str, Any]:
 
     Keys: ``dir``, ``name``, ``settings`` (the training config), ``resolved``, ``environment``,
     ``history`` (one dict per epoch from ``metrics.jsonl``), ``meta`` (``model.json`` or None),
-    ``model_config``, ``model_name``, ``final_test_acc``, ``best_acc``, ``best_epoch``,
+    ``model_config``, ``model_name``, ``final_test_acc``, ``final_test_views`` (the views of each test
+    image it averaged: 1, 2 or 6; None for runs before it was recorded), ``best_acc``, ``best_epoch``,
     ``epochs_completed``, ``epochs``, ``finished``, ``stop_reason``, ``wall_seconds``,
     ``images_per_second`` (over all epochs), ``test_images`` (the test set training evaluated on),
     ``confusion`` (``confusion.json`` or None).
@@ -179,6 +180,7 @@ def read_run(path: str | Path) -> dict[str, Any]:
         "model_config": model_config,
         "model_name": (model_config or {}).get("name") or settings.get("model") or run.name,
         "final_test_acc": final,
+        "final_test_views": training.get("final_test_views"),
         "best_acc": best,
         "best_epoch": best_epoch,
         "epochs_completed": training.get("epochs_completed", len(history)),

@@ -256,6 +256,11 @@ def budget_reserve(view_seconds: list[float], final_views: int, write_seconds: f
     return evaluation + 2 * write_seconds
 
 
+def _views_note(views: int | None) -> str:
+    """' (6 views)' after an accuracy measured on that many views of each image ('' if not known)."""
+    return "" if views is None else f" ({views} view{'s' if views != 1 else ''})"
+
+
 def step_hooks() -> list[Callable[[int], None]]:
     """Callbacks run after every optimizer step with the global step count: the test hooks.
 
@@ -306,6 +311,7 @@ class Trainer:
         self._tb = None
         self.final_reserve = 0.0  # seconds the end of a budgeted run will take, as far as known (_budget_spent)
         self.view_seconds: list[float] = []  # the seconds of each evaluation so far, per view
+        self.final_views: int | None = None  # the views of the final test accuracy's evaluation (_finish)
         self.cost_done = 0.0  # this process's optimizer steps, each weighted by its pixels (--low-res: < 1)
         self.side = None  # the side of the last training batch (--low-res reports its changes)
 
@@ -718,7 +724,7 @@ class Trainer:
             distributed.debug_log(dist, "end", stop_reason=stop_reason, epochs_completed=state.epoch,
                                   model_sha256=distributed.state_hash(plain_state_dict(self._eval_model())))
         best = "-" if state.best_acc is None else f"{100 * state.best_acc:.2f}% (epoch {state.best_epoch})"
-        final = "-" if final_acc is None else f"{100 * final_acc:.2f}%"
+        final = "-" if final_acc is None else f"{100 * final_acc:.2f}%" + _views_note(self.final_views)
         self._say(f"done ({stop_reason}): best {best}, final test accuracy {final}, "
                   f"wall time {wall:.0f} s, {ips:.0f} training images/s")
         exported = c.weights_dir if (c.weights_dir and stop_reason in ("completed", "time budget")) else None
@@ -963,10 +969,11 @@ class Trainer:
         evaluate_now = (epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs
         t_eval = time.monotonic()
         for split in ("val", "test"):
-            row[f"{split}_loss"] = row[f"{split}_acc"] = None
+            row[f"{split}_loss"] = row[f"{split}_acc"] = row[f"{split}_views"] = None
             if evaluate_now and split in self.eval_sets:
                 result = self._evaluate(split, final=epoch + 1 == c.epochs)
                 row[f"{split}_loss"], row[f"{split}_acc"] = result["loss"], result["top1"]
+                row[f"{split}_views"] = tta_views(result["tta"], result["tta_translate"])
         row["eval_seconds"] = time.monotonic() - t_eval
         views, extra = self._eval_views()
         if row["test_acc"] is not None or row["val_acc"] is not None:
@@ -1022,12 +1029,16 @@ class Trainer:
         c, state = self.config, self.state
         last = state.history[-1] if state.history else None
         if mid_epoch or last is None or last.get("test_acc") is None:
-            final_acc = self._evaluate("test", final=True)["top1"]
+            result = self._evaluate("test", final=True)
+            final_acc, self.final_views = result["top1"], tta_views(result["tta"], result["tta_translate"])
         else:
-            final_acc = last["test_acc"]
+            # the last epoch's evaluation: a budget stop at an epoch boundary before the planned last
+            # epoch reports that epoch's views (one without --tta), not the --final-tta ones
+            final_acc, self.final_views = last["test_acc"], last.get("test_views")
         if not self.dist.is_main:
             return final_acc
         meta = self._meta(state.epoch, stop_reason == "completed", final_acc, stop_reason)
+        meta["training"]["final_test_views"] = self.final_views
         meta["training"]["test_acc_per_epoch"] = [row.get("test_acc") for row in state.history]
         meta["training"]["wall_seconds"] = state.elapsed_before + time.monotonic() - self.t0
         model = self._eval_model()
