@@ -296,6 +296,9 @@ RECIPES: dict[str, dict] = {
     # ahead of the SGD run at equal fractions from 21% to 88% of the run and by 0.19 at the end with 8% more epochs
     # (thirty-seventh session); a second SGD run there: 91.87% in 36.6 epochs, level with it (thirty-eighth session):
     # five runs on that Xeon within 0.34 points, Muon ahead most of the way and level at the end; SGD stays
+    # without progressive resizing there (--low-res 0): 91.63% in 30.45 epochs against the recipe's 91.69% in 30.50
+    # on a slower evening, level at the end after leading by 3-11 points until the recipe's batches reach full size
+    # (thirty-ninth session): the low-resolution half stays for its cheaper epochs
     "cpu-90m": _cpu_recipe(90, 120, 3.5, "CPU, <= 90 minutes: the cpu-30m recipe and network (densenet-cpu-m4, GELU, "
                            "max-pooling transitions) with SGD for every parameter (Muon tied it here), 4-pixel random crops and 12-pixel cutout for as many "
                            "epochs as fit (at most 120; 3.5 warm-up epochs), eager (torch.compile measured no "
