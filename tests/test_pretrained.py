@@ -116,9 +116,13 @@ def test_torch_hub_loads_shipped_models_from_the_checkout():
     assert not torch.equal(fresh.classifier.weight, reference.classifier.weight)
 
 
-# the models of README's results table (the recipes' own); the older shipped models are checked with
-# the single view only, a sixth of the time (six views of 10,000 images take 0.4-3 minutes a model on a 2-core CPU)
+# the models of README's results table (the recipes' own)
 RESULTS_TABLE = ("densenet-cpu-k96-10m", "densenet-cpu-m4-30m", "densenet-cpu-m4-90m")
+# six views of 10,000 images take 0.4-3 minutes a model on a 2-core CPU (densenet-cpu-m4's two took 5 of
+# the suite's 13.5 minutes on a slow morning): the 6-view figures are reproduced for the 10- and 90-minute
+# models, which run every view's code; the other shipped models, densenet-cpu-m4-30m included (the same
+# network as densenet-cpu-m4-90m), are checked on the single view, which pins their weights to the card
+SIX_VIEWS_CHECKED = ("densenet-cpu-k96-10m", "densenet-cpu-m4-90m")
 
 
 @pytest.mark.skipif(not DATA, reason="needs $DENSENET_DATA (CIFAR-10)")
@@ -128,7 +132,7 @@ def test_evaluate_by_name_reproduces_the_card_exactly(name, capsys, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     # with the 6-view test-time augmentation the CPU recipes' final evaluation uses; its first view
     # is the image alone, so the same pass gives the single-view accuracy too
-    six_views = name in RESULTS_TABLE
+    six_views = name in SIX_VIEWS_CHECKED
     argv = ["evaluate", "--weights", name, "--data-dir", DATA, "--json"] + (["--tta-translate"] if six_views else [])
     assert main(argv) == 0
     assert (tmp_path / f"{name}-evaluation" / "confusion.json").is_file()  # not inside the package
@@ -142,7 +146,7 @@ def test_evaluate_by_name_reproduces_the_card_exactly(name, capsys, tmp_path, mo
 
 
 def test_the_results_table_models_are_shipped():
-    assert set(RESULTS_TABLE) <= set(SHIPPED)
+    assert set(SIX_VIEWS_CHECKED) <= set(RESULTS_TABLE) <= set(SHIPPED)
 
 
 def test_whitened_stem_decorrelates_patches():
