@@ -528,12 +528,9 @@ def test_time_budget_keeps_room_for_the_final_evaluation(tiny_data, tmp_path, mo
     assert result.wall_seconds < 4
 
 
-def test_time_budget_holds_a_final_evaluation_slower_than_the_ones_before(tiny_data, tmp_path, monkeypatch):
-    # on a virtual clock: each step takes 1 s (12 an epoch), each plain evaluation 4 s, and the final one
-    # with its extra TTA view 8.8 s, 10% slower per view than the ones before (a machine slowing down).
-    # The reserve, 1.2 x 2 views x 4 s = 9.6 s, stops epoch 6 (80-92 s) after step 8 (88 > 97 - 9.6) and
-    # the run ends at 96.8 s; a reserve of the last evaluation's 8 s would stop after step 10 and end at
-    # 98.8 s, past the 97 s budget
+def virtual_clock(monkeypatch, plain_eval: float, tta_eval: float, step: float = 1.0) -> None:
+    """Run the trainer on a virtual clock: each optimizer step takes ``step`` seconds, each evaluation
+    ``plain_eval`` (one view) or ``tta_eval`` (with TTA); nothing else takes time."""
     clock = [0.0]
 
     def advance(seconds):
@@ -542,12 +539,21 @@ def test_time_budget_holds_a_final_evaluation_slower_than_the_ones_before(tiny_d
     real = TR.evaluate
 
     def timed(*args, tta=False, **kwargs):
-        advance(8.8 if tta else 4.0)
+        advance(tta_eval if tta else plain_eval)
         return real(*args, tta=tta, **kwargs)
 
     monkeypatch.setattr(TR, "time", argparse.Namespace(monotonic=lambda: clock[0]))
-    monkeypatch.setattr(TR, "step_hooks", lambda: [lambda step: advance(1.0)])
+    monkeypatch.setattr(TR, "step_hooks", lambda: [lambda _: advance(step)])
     monkeypatch.setattr(TR, "evaluate", timed)
+
+
+def test_time_budget_holds_a_final_evaluation_slower_than_the_ones_before(tiny_data, tmp_path, monkeypatch):
+    # on a virtual clock: each step takes 1 s (12 an epoch), each plain evaluation 4 s, and the final one
+    # with its extra TTA view 8.8 s, 10% slower per view than the ones before (a machine slowing down).
+    # The reserve, 1.2 x 2 views x 4 s = 9.6 s, stops epoch 6 (80-92 s) after step 8 (88 > 97 - 9.6) and
+    # the run ends at 96.8 s; a reserve of the last evaluation's 8 s would stop after step 10 and end at
+    # 98.8 s, past the 97 s budget
+    virtual_clock(monkeypatch, plain_eval=4.0, tta_eval=8.8)
     out = tmp_path / "run"
     result = TR.train(tiny_config(tiny_data, out, epochs=50, batch_size=8, max_minutes=97 / 60, final_tta=True))
     assert result.stop_reason == "time budget"
@@ -561,20 +567,7 @@ def test_budget_stop_at_an_epoch_boundary_reports_the_views_it_measured(tiny_dat
     # 1.2 x 2 views x 4 s = 9.6 s is reached by epoch 3's evaluation (44-48 s, past 46.4), not by a step:
     # the run stops at that epoch's end, with no time for the --final-tta evaluation, and its final
     # accuracy is epoch 3's single view, recorded as such
-    clock = [0.0]
-
-    def advance(seconds):
-        clock[0] += seconds
-
-    real = TR.evaluate
-
-    def timed(*args, tta=False, **kwargs):
-        advance(8.0 if tta else 4.0)
-        return real(*args, tta=tta, **kwargs)
-
-    monkeypatch.setattr(TR, "time", argparse.Namespace(monotonic=lambda: clock[0]))
-    monkeypatch.setattr(TR, "step_hooks", lambda: [lambda step: advance(1.0)])
-    monkeypatch.setattr(TR, "evaluate", timed)
+    virtual_clock(monkeypatch, plain_eval=4.0, tta_eval=8.0)
     out = tmp_path / "run"
     result = TR.train(tiny_config(tiny_data, out, epochs=50, batch_size=8, max_minutes=56 / 60, final_tta=True,
                                   progress="lines"))
