@@ -23,7 +23,7 @@ from densenet.models import DenseNet, _DenseBlock, _DenseLayer, _Transition
 from densenet.runtime import autocast, resolve_device
 
 __all__ = ["CHUNK_BYTES", "InferenceDenseNet", "optimize_for_inference", "fast_inference_model", "evaluate",
-           "tta_logits", "tta_views", "align_classes"]
+           "tta_logits", "tta_views", "views_label", "align_classes"]
 
 
 CHUNK_BYTES = 16 * 2**20
@@ -246,6 +246,11 @@ def fast_inference_model(model: torch.nn.Module, device: torch.device, amp: str 
 def tta_views(tta: bool, translate: bool = False) -> int:
     """How many times :func:`tta_logits` (or plain inference, without ``tta``) runs the model per image."""
     return (6 if translate else 2) if tta or translate else 1
+
+
+def views_label(views: int) -> str:
+    """'1 view', '6 views': how an accuracy's views of each image are named in messages and reports."""
+    return f"{views} view{'s' if views != 1 else ''}"
 
 
 def tta_logits(runner, x: Tensor, translate: bool = False, plain: Tensor | None = None) -> Tensor:

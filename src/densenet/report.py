@@ -29,7 +29,7 @@ from densenet.analysis import analyze_model
 from densenet.data import load_dataset
 from densenet.errors import ConfigError, DenseNetError, ResourceError
 from densenet.files import atomic_write_text
-from densenet.inference import align_classes, evaluate
+from densenet.inference import align_classes, evaluate, views_label
 from densenet.plots import plot_confusion, plot_curves, plot_feature_reuse
 from densenet.registry import model_from_config
 from densenet.reuse import feature_reuse
@@ -59,7 +59,7 @@ def _pct(value) -> str:
 def _images(run: dict[str, Any]) -> str:
     views = run.get("final_test_views")
     on = [f"{run['test_images']:,} test images"] if run["test_images"] else []
-    on += [f"{views} view{'s' if views != 1 else ''} of each"] if views else []
+    on += [f"{views_label(views)} of each"] if views else []
     return f" (on {', '.join(on)})" if on else ""
 
 

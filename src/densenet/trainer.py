@@ -55,7 +55,7 @@ from densenet.config import (
 from densenet.data import load_splits
 from densenet.errors import ConfigError, DenseNetError, ResourceError, TrainingError
 from densenet.files import remove_stale_temporaries
-from densenet.inference import evaluate, tta_views
+from densenet.inference import evaluate, tta_views, views_label
 from densenet.lookahead import Lookahead
 from densenet.models import whiten_stem
 from densenet.muon import FilterMuon, filter_parameters
@@ -254,11 +254,6 @@ def budget_reserve(view_seconds: list[float], final_views: int, write_seconds: f
     checkpoint's ``write_seconds`` (the checkpoint of the stop, then the smaller weights twice)."""
     evaluation = RESERVE_MARGIN * final_views * max(view_seconds[-RESERVE_EVALS:]) if view_seconds else 0.0
     return evaluation + 2 * write_seconds
-
-
-def _views_note(views: int | None) -> str:
-    """' (6 views)' after an accuracy measured on that many views of each image ('' if not known)."""
-    return "" if views is None else f" ({views} view{'s' if views != 1 else ''})"
 
 
 def step_hooks() -> list[Callable[[int], None]]:
@@ -724,7 +719,8 @@ class Trainer:
             distributed.debug_log(dist, "end", stop_reason=stop_reason, epochs_completed=state.epoch,
                                   model_sha256=distributed.state_hash(plain_state_dict(self._eval_model())))
         best = "-" if state.best_acc is None else f"{100 * state.best_acc:.2f}% (epoch {state.best_epoch})"
-        final = "-" if final_acc is None else f"{100 * final_acc:.2f}%" + _views_note(self.final_views)
+        final = "-" if final_acc is None else f"{100 * final_acc:.2f}%" + (
+            f" ({views_label(self.final_views)})" if self.final_views else "")
         self._say(f"done ({stop_reason}): best {best}, final test accuracy {final}, "
                   f"wall time {wall:.0f} s, {ips:.0f} training images/s")
         exported = c.weights_dir if (c.weights_dir and stop_reason in ("completed", "time budget")) else None
