@@ -771,12 +771,14 @@ def test_too_few_images_for_a_batch(tiny_data, tmp_path):
 def test_learns_cifar10_subset(tmp_path, monkeypatch):
     monkeypatch.delenv("DENSENET_CACHE", raising=False)  # reuse the decoded-image cache
     result = TR.train(
-        model="densenet-bc-mini", data_dir=os.environ["DENSENET_DATA"], subset=5000, test_subset=1000,
-        epochs=3, batch_size=64, lr=0.1, nesterov=True, weight_decay=5e-4, schedule="onecycle",
-        warmup_epochs=1, label_smoothing=0.1, out_dir=str(tmp_path / "run"), weights_dir=None, progress="none",
-        threads=2,
+        model="densenet-cpu-k96", whiten=True, data_dir=os.environ["DENSENET_DATA"], subset=5000, test_subset=1000,
+        epochs=2, batch_size=128, lr=0.2, nesterov=True, weight_decay=5e-4, bn_lr_scale=16.0, schedule="onecycle",
+        warmup_epochs=0.5, label_smoothing=0.1, alternate_flip=True, crop_padding=0, out_dir=str(tmp_path / "run"),
+        weights_dir=None, progress="none", threads=2,
     )
-    # chance is 10%. Measured on the 2-core machines: 27.7%, 41.2%, 49.3% after epochs 1-3 with one
-    # thread (2026-11-22), 33.1%, 43.7%, 50.8% with two (AMD Zen 4, 2026-12-03: 42 s against 68 s);
-    # deterministic for the seed and thread count; the bound leaves room for other CPUs' kernels.
-    assert result.final_test_acc >= 0.40
+    # chance is 10%. The 10-minute recipe's network and settings in float32: 40.8% and 54.1% after epochs
+    # 1-2 with two threads (Intel Xeon with AMX, 2026-12-06: 32 s, where densenet-bc-mini's three epochs
+    # of this test before took 60 s and reached 50.8%); deterministic for the seed and thread count, and
+    # the bound leaves room for other CPUs' kernels.
+    assert result.final_test_acc >= 0.45
+    assert result.final_test_acc >= result.history[0]["test_acc"] + 0.05  # and the second epoch adds to it
