@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("package root and errors", {"__init__", "errors"}),
     ("runtime and files", {"runtime", "files"}),
     ("parts", {"models", "resnet", "data", "augment", "distributed", "plots", "onnx_runtime", "pretrained", "lookahead",
-               "muon"}),
+               "muon", "budget"}),
     ("registry", {"registry"}),
     ("services", {"weights", "inference", "analysis"}),
     ("run building blocks", {"reuse", "config", "rundir"}),
