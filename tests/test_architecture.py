@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                "muon", "budget"}),
     ("registry", {"registry"}),
     ("services", {"weights", "inference", "analysis"}),
-    ("run building blocks", {"reuse", "config", "rundir"}),
+    ("run building blocks", {"reuse", "config", "rundir", "optimization"}),
     ("trainer", {"trainer"}),
     ("commands", {"analyze", "download", "export", "train", "evaluate", "predict", "bench", "compare", "sweep",
                   "report"}),

@@ -154,21 +154,6 @@ def test_list_recipes(capsys):
     assert "--milestones [0.5, 0.75]" in out
 
 
-def test_bn_lr_scale_puts_the_batchnorm_parameters_in_a_group_of_their_own():
-    model = create_model("densenet-bc-10-4")
-    assert len(TR.parameter_groups(model, C.TrainConfig())) == 1
-    others, norms = TR.parameter_groups(model, C.TrainConfig(lr=0.1, weight_decay=5e-4, bn_lr_scale=8.0))
-    bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert len(norms["params"]) == 2 * len(bn) and {id(p) for p in norms["params"]} == {
-        id(p) for m in bn for p in (m.weight, m.bias)}
-    assert len(others["params"]) + len(norms["params"]) == len(list(model.parameters()))
-    assert norms["lr"] == pytest.approx(0.8) and norms["weight_decay"] == pytest.approx(5e-4 / 8)
-    # the schedule scales both groups alike: the BN group stays at 8x the others' learning rate
-    opt = torch.optim.SGD([others, norms], lr=0.1, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
-    assert sched.get_last_lr() == pytest.approx([0.05, 0.4])
-
-
 def test_batch_seed_is_stable_and_distinct():
     seeds = {TR.batch_seed(0, e, i) for e in range(3) for i in range(50)}
     assert len(seeds) == 150

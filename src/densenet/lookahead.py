@@ -4,7 +4,7 @@ A slow copy of the model's floating-point state (weights and BatchNorm statistic
 trained ("fast") one: every ``every`` optimizer steps it moves toward the fast weights by
 ``1 - decay``, and the fast weights restart from it. Fast CIFAR trainers use it with a decay that
 grows over the run (here ``decay x progress**3``: early steps run unhindered, the last ones are
-averaged) and end on the slow weights. :class:`densenet.trainer.Trainer` drives it (``--lookahead``).
+averaged) and end on the slow weights. :class:`densenet.optimization.Optimization` drives it (``--lookahead``).
 """
 
 from __future__ import annotations

@@ -57,9 +57,8 @@ from densenet.data import load_splits
 from densenet.errors import ConfigError, DenseNetError, ResourceError, TrainingError
 from densenet.files import remove_stale_temporaries
 from densenet.inference import evaluate, tta_views, views_label
-from densenet.lookahead import Lookahead
 from densenet.models import whiten_stem
-from densenet.muon import FilterMuon, filter_parameters
+from densenet.optimization import Optimization
 from densenet.plots import plot_curves
 from densenet.registry import create_model
 from densenet.rundir import RunDir, default_out_dir, find_resume_checkpoint
@@ -67,7 +66,7 @@ from densenet.runtime import autocast, environment, fast_amp, peak_memory_mb
 from densenet.weights import load_checkpoint, make_meta, plain_state_dict, save_checkpoint, save_model
 
 __all__ = ["train", "Trainer", "TrainResult", "RunState", "EpochSums", "StopRequest", "SIGTERM_AFTER_STEP_ENV",
-           "batch_seed", "seeded_subset", "load_data", "parameter_groups"]
+           "batch_seed", "seeded_subset", "load_data"]
 
 # test hook: send SIGTERM to this process after this many optimizer steps (global count); see step_hooks
 SIGTERM_AFTER_STEP_ENV = "DENSENET_SIGTERM_AFTER_STEP"
@@ -84,22 +83,6 @@ def seeded_subset(dataset, n: int | None, seed: int):
     perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     idx = perm[:n].sort().values
     return dataclasses.replace(dataset, images=dataset.images[idx], labels=dataset.labels[idx])
-
-
-def parameter_groups(model: torch.nn.Module, config: TrainConfig, exclude=()) -> list[dict]:
-    """The SGD optimizer's parameter groups: one, or with ``bn_lr_scale`` != 1 a second one holding the
-    BatchNorm weights and biases at ``lr x scale`` and ``weight_decay / scale``. ``exclude``: parameters
-    another optimizer takes (--optimizer muon: the convolution filters)."""
-    taken = {id(p) for p in exclude}
-    params = [p for p in model.parameters() if id(p) not in taken]
-    scale = config.bn_lr_scale
-    if scale == 1:
-        return [{"params": params}]
-    norms = {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-             for p in m.parameters(recurse=False)}
-    return [{"params": [p for p in params if id(p) not in norms]},
-            {"params": [p for p in params if id(p) in norms],
-             "lr": config.lr * scale, "weight_decay": config.weight_decay / scale}]
 
 
 def batch_seed(seed: int, epoch: int, index: int, rank: int = 0) -> int:
@@ -421,25 +404,8 @@ class Trainer:
         # dynamic=False: one graph specialised to each input size (progressive resizing has three and the
         # batches are all full) rather than dynamo's shape-generic graph from the second size on
         self.train_model = torch.compile(trained, dynamic=False) if c.compile else trained
-        # --optimizer muon: Muon takes the convolution filters (and rescales them to unit length now)
-        self.muon = (FilterMuon(filter_parameters(self.model), lr=c.muon_lr, momentum=c.muon_momentum)
-                     if c.optimizer == "muon" else None)
-        self.optimizer = torch.optim.SGD(
-            parameter_groups(self.model, c, exclude=self.muon.filters if self.muon else ()), lr=c.lr,
-            momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay,
-        )
         spe = self.steps_per_epoch
-        self.optimizers = [self.optimizer] + ([self.muon] if self.muon else [])
-        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, spe, c, self.total_steps()))
-                           for opt in self.optimizers]
-        self.scheduler = self.schedulers[0]
-        self.scaler = torch.amp.GradScaler(device.type) if c.amp == "fp16" else None
-        self.ema = None
-        if c.ema:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(c.ema), use_buffers=True)
-        self.lookahead = Lookahead(self.model, c.lookahead) if c.lookahead else None
+        self.opt = Optimization(self.model, c, lambda s: lr_factor(s, spe, c, self.total_steps()), device.type)
         # NCHW batches even for a channels_last model: its stem convolution reorders the 3-channel
         # input for next to nothing (train steps measured equal), while a channels_last batch would
         # cost the Augmenter a transposing pass
@@ -466,25 +432,7 @@ class Trainer:
     def _restore(self, checkpoint: dict) -> None:
         try:
             self.model.load_state_dict(checkpoint["model"])
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-            self.scheduler.load_state_dict(checkpoint["scheduler"])
-            if self.muon is not None:
-                if not checkpoint.get("muon"):
-                    raise TrainingError("the checkpoint has no Muon state; resume with --optimizer sgd or start "
-                                        "afresh")
-                self.muon.load_state_dict(checkpoint["muon"]["optimizer"])
-                self.schedulers[1].load_state_dict(checkpoint["muon"]["scheduler"])
-            if self.scaler is not None and checkpoint.get("scaler"):
-                self.scaler.load_state_dict(checkpoint["scaler"])
-            if self.ema is not None:
-                if not checkpoint.get("ema"):
-                    raise TrainingError("the checkpoint has no EMA weights; resume without --ema or start afresh")
-                self.ema.load_state_dict(checkpoint["ema"])
-            if self.lookahead is not None:
-                if not checkpoint.get("lookahead"):
-                    raise TrainingError("the checkpoint has no lookahead weights; resume without --lookahead or "
-                                        "start afresh")
-                self.lookahead.load_state_dict(checkpoint["lookahead"])
+            self.opt.load_state_dict(checkpoint)
             self.state = RunState.from_checkpoint(checkpoint)
             if self.config.fit_epochs and self.state.fitted_epochs:
                 self.config.epochs = math.ceil(self.state.fitted_epochs)
@@ -510,12 +458,7 @@ class Trainer:
         c = self.config
         self.state.global_step = self.state.epoch * self.steps_per_epoch
         factor = lr_factor(self.state.global_step, self.steps_per_epoch, c, self.total_steps())
-        for optimizer, scheduler in zip(self.optimizers, self.schedulers):
-            scheduler.last_epoch = self.state.global_step
-            lrs = [base * factor for base in scheduler.base_lrs]
-            for group, lr in zip(optimizer.param_groups, lrs):
-                group["lr"] = lr
-            scheduler._last_lr = lrs
+        self.opt.rebase(self.state.global_step, factor)
         if self.dist.rank:
             torch.manual_seed(distributed.rank_seed(c.seed, self.dist.rank))
         self.rebased_from = world
@@ -574,13 +517,7 @@ class Trainer:
             "config": asdict(self.config),
             "meta": self._meta(self.state.epoch, finished),
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "muon": ({"optimizer": self.muon.state_dict(), "scheduler": self.schedulers[1].state_dict()}
-                     if self.muon is not None else {}),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-            "ema": self.ema.state_dict() if self.ema is not None else {},
-            "lookahead": self.lookahead.state_dict() if self.lookahead is not None else {},
+            **self.opt.state_dict(),  # optimizer, scheduler, muon, scaler, ema, lookahead
             **self.state.checkpoint_fields(),
             "rng": rng[0],
             "rng_per_rank": rng if self.dist.distributed else None,
@@ -856,24 +793,9 @@ class Trainer:
             loss = F.cross_entropy(logits.float(), y, label_smoothing=c.label_smoothing)
         if check_at is not None:
             self._check_finite(loss, *check_at)
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:  # fp16 (validate() keeps Muon out of it)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            for optimizer in self.optimizers:
-                optimizer.step()
-        for scheduler in self.schedulers:
-            scheduler.step()
+        self.opt.step(loss, self.model, self.state.global_step + 1, self.total_steps())
         self.state.global_step += 1
         self.cost_done += (x.shape[-1] / self.full_side) ** 2
-        if self.lookahead is not None:
-            self.lookahead.step(self.model, self.state.global_step, self.total_steps())
-        if self.ema is not None:
-            self.ema.update_parameters(self.model)
         return loss, logits
 
     def _check_finite(self, loss: torch.Tensor, epoch: int, step: int) -> None:
@@ -885,7 +807,7 @@ class Trainer:
         value = float(loss.detach()) if not finite else "not finite in another process"
         raise TrainingError(
             f"the loss became {value} at epoch {epoch + 1}, step {step + 1} "
-            f"(lr {self.optimizer.param_groups[0]['lr']:.3g}); training stopped, {kept}. "
+            f"(lr {self.opt.lr:.3g}); training stopped, {kept}. "
             f"Lower --lr or add --warmup-epochs"
         )
 
@@ -898,7 +820,7 @@ class Trainer:
             "epoch": epoch + 1,
             "train_loss": sums.loss_sum / seen,
             "train_acc": sums.correct / seen,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": self.opt.lr,
             "train_seconds": sums.seconds,
             "images_per_second": sums.seen / sums.seconds if sums.seconds else None,
         }
@@ -940,7 +862,7 @@ class Trainer:
         self._report_epoch(row)
 
     def _eval_model(self):
-        return self.ema.module if self.ema is not None else self.model
+        return self.opt.eval_model(self.model)
 
     def _evaluate(self, split: str, final: bool = False) -> dict:
         """Evaluate on ``split`` (``final``: the run's last evaluation); under torchrun each process
@@ -1015,7 +937,7 @@ class Trainer:
         if done % 10 == 0 or done == steps:
             elapsed = time.monotonic() - t_start
             bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{int(correct) / seen:.3f}",
-                            lr=f"{self.optimizer.param_groups[0]['lr']:.3g}",
+                            lr=f"{self.opt.lr:.3g}",
                             img_s=f"{images / max(elapsed, 1e-9):.0f}", refresh=False)
 
     def _log_tensorboard(self, row: dict) -> None:
