@@ -207,17 +207,10 @@ RECIPES: dict[str, dict] = {
     "paper": _step_recipe("densenet-bc-100-12", 300, 0.1, True, [0.5, 0.75],
                           "Huang et al.'s CIFAR setup: densenet-bc-100-12, 300 epochs, batch 64, lr 0.1, Nesterov "
                           "0.9, wd 1e-4, x0.1 at 50% and 75%, crop+flip"),
-    # no random crops in 10 minutes: 6 epochs are too few for them to pay (docs/TRAINING.md)
-    # densenet-cpu-k96 (k=96, blocks 1-2-2: one layer at 16 pixels, the depth at 8 and 4) in 10 minutes: 85.41%,
-    # 85.12%, 85.12%, 85.35% (over time, before the budget kept room for the final evaluation) and 83.58% (a slow
-    # stretch of the machine) against densenet-cpu-xs's 84.39-85.47%; ahead in the one side-by-side probe,
-    # 82.73% against 81.95% (docs/TRAINING.md)
-    # a layer at 32 pixels (stride-1 stem, blocks 1-1-2-2): 87.06% in 6.9 epochs against 88.22% in 20 on the Zen 5
-    # (twenty-ninth session)
-    # Muon for the filters (--optimizer muon --muon-lr 0.02), each run beside a same-day SGD run of the recipe:
-    # 88.63% in 18.5 epochs against 88.31% in 20 on the Zen 5 (thirty-second session), 88.22% in 9.9 epochs
-    # (seed 1) against 87.70% in 11.8 on an AMX Xeon (thirty-third session); the recipe since then
-    # (--optimizer sgd trains the previous one)
+    # The CPU recipes below were chosen by measured runs, lever by lever: docs/TRAINING.md's recipe table
+    # says what each setting gave and when, its "What each lever gave" table what was tried and dropped.
+    # quick: densenet-cpu-k96 (one layer at 16 pixels) and no random crops (6-10 epochs are too few for
+    # them to pay); Muon for the filters since the thirty-third session (--optimizer sgd: the recipe before)
     "quick": _cpu_recipe(10, 20, 0.8, "CPU demo, <= 10 minutes: densenet-cpu-k96 with a whitened stem, as many "
                          "epochs as fit (--fit-epochs, at most 20), batch 128, one-cycle to lr 0.2 (0.8 warm-up "
                          "epochs), Muon for the convolution filters (peak lr 0.02, momentum 0.95) and Nesterov SGD "
@@ -225,36 +218,9 @@ RECIPES: dict[str, dict] = {
                          "flip and no crops, 6-view TTA (mirror and 1-pixel shifts) in the final evaluation, "
                          "channels_last, bf16 autocast where the CPU computes in bf16 (AMX or AVX-512 BF16: "
                          "--amp auto)", crop_padding=0, model="densenet-cpu-k96", optimizer="muon", muon_lr=0.02),
-    # cpu-30m: label smoothing 0.2, lookahead and fast BatchNorm statistics (the fast CIFAR trainers' combination)
-    # with 2-pixel crops: 87.88% against 87.68-87.73% for every run without all three, and 2-4 points ahead through
-    # the middle of the run (ninth session, docs/TRAINING.md); progressive resizing from 24x24: 89.25% in 26.2 epochs
-    # against 88.40% in 18.4 without it and 88.76% in 30.7 from 20x20, the same day (eleventh session)
-    # densenet-cpu-m in 30 minutes with bf16 on an AMX CPU: 90.29% in 38.4 epochs (fifteenth session), against
-    # densenet-cpu-s's 89.16-89.25% and densenet-cpu-m's 89.27% in float32 (a tie between the two there)
-    # torch.compile (one graph per side of the progressive resizing, about a minute of compiling) on the same
-    # AMX CPU in a slow hour: 90.28% in 36.8 epochs against 89.98% in 29.0 eager (eighteenth session)
-    # GELU and max-pooling transitions (the shipped runs above were made before, with ReLU and average pooling:
-    # --model-kwargs '{}' trains that network again) on an AMD Zen 4 (AVX-512 BF16, no AMX): 90.11% in 21.8 epochs
-    # against 89.44% with ReLU the same hour (twenty-fourth session), 89.50% in 17.0 epochs in a slow hour
-    # (twenty-second session); 1-8 points ahead at equal epochs
-    # densenet-cpu-m4 (densenet-cpu-m with a first block at 32 pixels) on the Zen 5: 90.90% in 15.9 epochs against
-    # densenet-cpu-m's 90.46% in 35.0 (twenty-seventh session, compiled)
-    # eager again: densenet-cpu-m4's compiled step takes 1.25x its eager one on the Zen 5 (benchmarks/cpu_levers.py
-    # variants --compile); eager, 91.12% in 18.4 epochs against 90.90% in 15.9 compiled (twenty-eighth session;
-    # ships as densenet-cpu-m4-30m); seed 1: 90.84% in 18.1 epochs (twenty-ninth session)
-    # on an AMX Xeon (family 6 model 207) a compiled step of densenet-cpu-m4 ran at 204-207 images/s against 179-259
-    # eager, the machine's drift larger than the difference (thirty-fourth session): eager still
-    # 12-pixel cutout (cpu-90m's): 90.60% in 17.5 epochs, training accuracy 92.0% against 97.2% (thirtieth session)
-    # Muon for the filters (--optimizer muon --muon-lr 0.02): 91.09% in 15.9 epochs in a slower hour, level or ahead
-    # at equal fractions of the last quarter (thirty-first session; one run, docs/TRAINING.md)
-    # the recipe again the same day (SGD, seed 0): 90.87% in 17.7 epochs (thirty-second session)
-    # on an AMX Xeon at half the Zen 5's speed, the same day: Muon 90.37% in 10.8 epochs against SGD's 89.89% in
-    # 11.0 (thirty-third session); Muon since then (--optimizer sgd trains the previous recipe)
-    # ReLU instead of GELU on that Xeon: 90.94% in 17.6 epochs against 90.77% in 14.4 the same night, a tie within a
-    # seed's spread (thirty-fifth session); ReLU seed 1 on a slower night: 90.03% in 11.7 epochs against GELU's
-    # 90.29-90.37% in 10.8-11.0 on slow evenings (thirty-seventh session): GELU stays
-    # --muon-lr 0.01 on that Xeon in a slow hour: 90.29% in 11.0 epochs against 0.02's 90.37% in 10.8 on a slow
-    # evening, ahead through 64% of the run, level at the end (thirty-sixth session): 0.02 stays
+    # cpu-30m: quick's optimisation with the fast CIFAR trainers' label smoothing 0.2, lookahead and BatchNorm
+    # momentum, 2-pixel crops, progressive resizing from 24x24, densenet-cpu-m4 with GELU and max-pooling
+    # transitions; eager, since torch.compile was no faster for it on the Zen 5 or the AMX Xeon
     "cpu-30m": _cpu_recipe(30, 40, 1.8, "CPU, <= 30 minutes: the quick recipe (Muon for the filters) with "
                            "densenet-cpu-m4 (k=64, no "
                            "compression, a first block at 32 pixels, GELU, max-pooling transitions) for as many "
@@ -265,40 +231,9 @@ RECIPES: dict[str, dict] = {
                            "on an AMD Zen 5 or an AMX Xeon)", model="densenet-cpu-m4",
                            model_kwargs=dict(_GELU_MAX), crop_padding=2, label_smoothing=0.2, lookahead=0.77,
                            bn_momentum=0.4, low_res=24, optimizer="muon", muon_lr=0.02),
-    # densenet-cpu-m (theta=1) in 90 minutes: 89.49% in 27.9 epochs against densenet-cpu-s's 89.29% in 39.8
-    # (one run each, sixth and fifth session); in 30 minutes a tie (87.73% both: docs/TRAINING.md); with blocks
-    # 1-4-6 instead of 2-3-2 88.93% in 26.0 epochs (eighth session, a slower day)
-    # with progressive resizing from 24x24: 89.86% in 55.9 epochs (twelfth session, a fast day: plain runs
-    # were not repeated that day, docs/TRAINING.md)
-    # densenet-cpu-l (densenet-cpu-m at k=96) with cpu-30m's label smoothing 0.2, lookahead and BatchNorm momentum
-    # 0.4, bf16 on an AMX CPU: 90.92% in 72.5 epochs (sixteenth session), against 90.26% for densenet-cpu-m in
-    # float32 (55.9 epochs, twelfth session)
-    # with 12-pixel cutout: 91.30% in 73.8 epochs against 90.92%, training accuracy 95.2% against 99.4%
-    # (seventeenth session, the same machine)
-    # GELU and max-pooling transitions on an AMD Zen 4: 90.96% in 39 epochs against 90.63% with ReLU in 39
-    # (twenty-third session); seed 1 in a slow hour (0.54-0.58 s per step against 0.44): 90.62% in 31.7 epochs, level
-    # with ReLU's 39 (twenty-fourth session); torch.compile measured slower than eager there
-    # on an AMD Zen 5 (AVX-512 BF16, no AMX; 0.26 s per step): 91.83% in 66.3 epochs, the best 90-minute run
-    # (twenty-fifth session; ships as densenet-cpu-l-90m); compiled, its step is no faster there (537 against 533
-    # images/s); with 16-pixel cutout 91.76% in 63.5 epochs, training accuracy 94.0% against 97.4% (twenty-sixth)
-    # densenet-cpu-m4 (k=64, a stride-1 stem and blocks 1-2-3-2: one dense layer at 32 pixels, the others at 16, 8
-    # and 4) on the Zen 5: 92.23% in 51.0 epochs against densenet-cpu-l's 91.83% in 66.3, 1.3x its step time
-    # (twenty-seventh session; ships as densenet-cpu-m4-90m)
-    # wider (k=80): 92.07% in 42.7 epochs, level (twenty-eighth session); two layers at 32 pixels (blocks 2-2-3-2,
-    # a step 1.68x): 91.80% in 33.9 epochs, 0.2-0.7 points behind at equal fractions of the run (twenty-ninth)
-    # seed 1 of the recipe: 92.01% in 50.5 epochs against seed 0's 92.23% (thirtieth session)
-    # without cutout: 91.79% in 51.0 epochs, training accuracy 99.5% against 96.1-96.2% (thirty-first session)
-    # Muon for the filters (--optimizer muon --muon-lr 0.02): 92.20% in 50.2 epochs, a tie (thirty-second session)
-    # on an AMX Intel Xeon (family 6 model 207, half the Zen 5's speed): SGD 91.69% in 30.5 epochs (thirty-fourth
-    # session); Muon 91.84% in 40.7 on a faster day, level at equal fractions from 70% on: no gain (thirty-fifth)
-    # Muon at --muon-lr 0.01 there: 92.03% in 40.7 epochs, ahead of 0.02 through 59% of the run and by 0.19 at the
-    # end, within a seed's spread (thirty-sixth session); a second 0.01 run on a slower night: 91.88% in 33.0 epochs,
-    # ahead of the SGD run at equal fractions from 21% to 88% of the run and by 0.19 at the end with 8% more epochs
-    # (thirty-seventh session); a second SGD run there: 91.87% in 36.6 epochs, level with it (thirty-eighth session):
-    # five runs on that Xeon within 0.34 points, Muon ahead most of the way and level at the end; SGD stays
-    # without progressive resizing there (--low-res 0): 91.63% in 30.45 epochs against the recipe's 91.69% in 30.50
-    # on a slower evening, level at the end after leading by 3-11 points until the recipe's batches reach full size
-    # (thirty-ninth session): the low-resolution half stays for its cheaper epochs
+    # cpu-90m: cpu-30m's network and settings with SGD for every parameter (Muon tied it in 90 minutes on
+    # the Zen 5 and the AMX Xeon), 4-pixel crops and 12-pixel cutout (without: a higher training accuracy,
+    # a lower test accuracy)
     "cpu-90m": _cpu_recipe(90, 120, 3.5, "CPU, <= 90 minutes: the cpu-30m recipe and network (densenet-cpu-m4, GELU, "
                            "max-pooling transitions) with SGD for every parameter (Muon tied it here), 4-pixel random crops and 12-pixel cutout for as many "
                            "epochs as fit (at most 120; 3.5 warm-up epochs), eager (torch.compile measured no "
