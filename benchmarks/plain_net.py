@@ -36,8 +36,8 @@ STEM_CHANNELS = 54  # 2 x 3 x 3 x 3: the +- eigenvectors of 3x3 colour patches (
 LOGIT_SCALE = 1 / 9
 
 
-def _norm(channels: int, momentum: float = 0.1) -> nn.BatchNorm2d:
-    norm = nn.BatchNorm2d(channels, momentum=momentum)
+def _norm(channels: int) -> nn.BatchNorm2d:
+    norm = nn.BatchNorm2d(channels)  # momentum: --bn-momentum sets it for every BatchNorm
     norm.weight.requires_grad_(False)  # the trainers train only the BatchNorm biases
     return norm
 
