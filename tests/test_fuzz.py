@@ -489,7 +489,7 @@ def test_fuzz_safetensors(weights, base, data):
 META_KEYS = ["format", "format_version", "config", "classes", "mean", "std", "input_size", "training", "sha256"]
 CONFIG_KEYS = ["arch", "name", "growth_rate", "block_config", "num_init_features", "bn_size", "compression",
                "drop_rate", "num_classes", "stem", "stem_stride", "stem_pool", "transition_pool",
-               "activation", "memory_efficient"]
+               "activation", "memory_efficient", "transition_order"]
 JSON_VALUE = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),

@@ -142,6 +142,8 @@ def test_bad_arguments_are_config_errors():
         DenseNet(stem="imagenet", stem_pool=True)
     with pytest.raises(ConfigError, match="transition_pool"):
         DenseNet(transition_pool="min")
+    with pytest.raises(ConfigError, match="transition_order"):
+        DenseNet(transition_order="conv-norm-pool")
     with pytest.raises(ConfigError, match="activation"):
         DenseNet(activation="tanh")
     with pytest.raises(ConfigError, match="block_config"):
@@ -484,3 +486,42 @@ def test_channels_last_and_bf16_autocast_agree_with_fp32():
     clear = (top2[:, 0] - top2[:, 1]) > 4 * error  # predictions bf16 rounding cannot flip
     assert clear.sum() >= 16
     assert torch.equal(half.argmax(1)[clear], reference.argmax(1)[clear])
+
+
+@pytest.mark.parametrize("pool", ["avg", "max"])
+def test_transition_orders_compute_what_they_name(pool):
+    """Each transition order is the composition its name spells, in training mode, forward and
+    backward; with average pooling, pooling before the convolution is the paper's function."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 24, 8, 8)
+    spelled = {
+        "norm-conv-pool": lambda t, z: t.pool(t.conv(t.relu(t.norm(z)))),
+        "norm-pool-conv": lambda t, z: t.conv(t.pool(t.relu(t.norm(z)))),
+        "pool-norm-conv": lambda t, z: t.conv(t.relu(t.norm(t.pool(z)))),
+    }
+    counts, outputs = set(), {}
+    for order, compose in spelled.items():
+        torch.manual_seed(1)
+        model = DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=8, bn_size=0, compression=0.5,
+                         num_classes=10, stem="cifar", transition_pool=pool, activation="gelu",
+                         transition_order=order)
+        counts.add(count_parameters(model))
+        assert model.config["transition_order"] == order
+        t = model.features.transition1.train()
+        with torch.no_grad():
+            t.norm.weight.uniform_(0.5, 1.5)
+            t.norm.bias.uniform_(-0.5, 0.5)
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        got, expected = t(a), compose(t, b)
+        assert got.shape == (4, 12, 4, 4)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        got.square().sum().backward()
+        expected.square().sum().backward()
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+        outputs[order] = (got.detach(), a.grad)
+    assert len(counts) == 1  # the order moves no parameter (each model draws the same weights)
+    paper, pooled_first = outputs["norm-conv-pool"], outputs["norm-pool-conv"]
+    if pool == "avg":
+        torch.testing.assert_close(pooled_first, paper, rtol=1e-4, atol=1e-5)
+    else:
+        assert not torch.allclose(pooled_first[0], paper[0], atol=1e-3)

@@ -35,6 +35,14 @@ TINY = {  # small members of the family, so that the tests stay fast on two core
                         num_classes=10, stem="cifar", stem_pool=True),
     "tiny-maxpool": dict(growth_rate=6, block_config=(2, 2, 2), num_init_features=10, bn_size=0, compression=1.0,
                          num_classes=10, stem="cifar", transition_pool="max"),
+    "tiny-pool-first": dict(growth_rate=6, block_config=(2, 2, 2), num_init_features=10, bn_size=0,
+                            compression=1.0, num_classes=10, stem="cifar", transition_pool="max",
+                            transition_order="norm-pool-conv"),
+    "tiny-raw-pool": dict(growth_rate=6, block_config=(2, 2), num_init_features=10, bn_size=2, compression=0.5,
+                          num_classes=10, stem="cifar", transition_pool="max", transition_order="pool-norm-conv",
+                          activation="gelu"),
+    "tiny-avg-raw-pool": dict(growth_rate=6, block_config=(2, 2), num_init_features=10, bn_size=0,
+                              compression=0.5, num_classes=10, stem="cifar", transition_order="pool-norm-conv"),
     "tiny-gelu": dict(growth_rate=6, block_config=(2, 2), num_init_features=12, bn_size=2, compression=0.5,
                       num_classes=10, stem="cifar", activation="gelu"),
     "tiny-imagenet-gelu": dict(growth_rate=6, block_config=(2, 2), num_init_features=12, num_classes=7,
@@ -67,6 +75,7 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("name,size", [("tiny-bc", 16), ("tiny-basic", 16), ("tiny-imagenet", 40),
                                        ("tiny-pooled", 16), ("tiny-maxpool", 16), ("tiny-gelu", 16),
+                                       ("tiny-pool-first", 16), ("tiny-raw-pool", 16), ("tiny-avg-raw-pool", 16),
                                        ("tiny-imagenet-gelu", 40), ("densenet-bc-mini", 32)])
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_optimize_for_inference_matches_eval_model(name, size, channels_last):

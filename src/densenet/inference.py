@@ -106,11 +106,11 @@ class _InferenceBlock(nn.Module):
 
 
 class _InferenceTransition(nn.Module):
-    """BN and activation, then the 2x2 average pooling before the 1x1 convolution.
+    """BN and activation, the 1x1 convolution and the 2x2 pooling in the transition's order.
 
-    Pooling and a bias-free 1x1 convolution are both linear and act on different axes, so their
-    order does not change the result; pooling first gives the convolution a quarter of the work.
-    A max-pool is not linear: it stays after the convolution.
+    Pooling and a bias-free 1x1 convolution are both linear and act on different axes, so an
+    average pool always runs before the convolution (a quarter of the work, the same result); a
+    max-pool is not linear: it stays where the transition's ``order`` puts it.
     """
 
     def __init__(self, transition: _Transition, memory_format: torch.memory_format) -> None:
@@ -120,12 +120,18 @@ class _InferenceTransition(nn.Module):
         self.weight = _frozen(transition.conv.weight, memory_format)
         self.max_pool = isinstance(transition.pool, nn.MaxPool2d)
         self.gelu = isinstance(transition.relu, nn.GELU)
+        self.order = transition.order
+
+    def _pool(self, x: Tensor) -> Tensor:
+        return F.max_pool2d(x, 2) if self.max_pool else F.avg_pool2d(x, 2)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.order == "pool-norm-conv":
+            return F.conv2d(_bn_act(self._pool(x), self.scale, self.shift, self.gelu), self.weight)
         x = _bn_act(x, self.scale, self.shift, self.gelu)
-        if self.max_pool:
-            return F.max_pool2d(F.conv2d(x, self.weight), 2)
-        return F.conv2d(F.avg_pool2d(x, 2), self.weight)
+        if self.order == "norm-pool-conv" or not self.max_pool:
+            return F.conv2d(self._pool(x), self.weight)
+        return F.max_pool2d(F.conv2d(x, self.weight), 2)
 
 
 class InferenceDenseNet(nn.Module):

@@ -42,6 +42,7 @@ __all__ = [
 
 STEMS = ("imagenet", "cifar")
 TRANSITION_POOLS = ("avg", "max")
+TRANSITION_ORDERS = ("norm-conv-pool", "norm-pool-conv", "pool-norm-conv")
 ACTIVATIONS = ("relu", "gelu")
 
 
@@ -180,15 +181,36 @@ class _DenseBlock(nn.ModuleDict):
 
 
 class _Transition(nn.Sequential):
-    """BN-ReLU-Conv1x1 to ``out_channels``, then 2x2 pooling (stride 2): average, or max with ``pool="max"``."""
+    """BN-ReLU-Conv1x1 to ``out_channels`` and 2x2/2 pooling (average, or max with ``pool="max"``).
 
-    def __init__(self, in_channels: int, out_channels: int, pool: str = "avg", activation: str = "relu") -> None:
+    ``order`` places the pooling: ``"norm-conv-pool"`` (the paper's), ``"norm-pool-conv"`` (the 1x1
+    convolution at the pooled resolution: a quarter of its work) or ``"pool-norm-conv"`` (the
+    block's output pooled first, as plain networks pool a convolution's output before its batch
+    norm: a quarter of the batch norm's and activation's work too). Average pooling and a
+    bias-free 1x1 convolution are both linear and act on different axes, so with average pooling
+    ``"norm-pool-conv"`` is the paper's function (to rounding) at a quarter of the convolution's
+    cost; the default keeps the paper's order, which is what published operation counts measure.
+    The modules keep their names and order (``norm``, ``relu``, ``conv``, ``pool``) whatever the
+    order they run in, so the state_dict keys stay torchvision's.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, pool: str = "avg", activation: str = "relu",
+                 order: str = "norm-conv-pool") -> None:
         super().__init__(OrderedDict([
             ("norm", nn.BatchNorm2d(in_channels)),
             ("relu", _activation(activation)),
             ("conv", nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)),
             ("pool", (nn.MaxPool2d if pool == "max" else nn.AvgPool2d)(kernel_size=2, stride=2)),
         ]))
+        self.order = order
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.order == "pool-norm-conv":
+            return self.conv(self.relu(self.norm(self.pool(x))))
+        x = self.relu(self.norm(x))
+        if self.order == "norm-pool-conv":
+            return self.conv(self.pool(x))
+        return self.pool(self.conv(x))
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,6 +235,10 @@ class DenseNet(nn.Module):
         stem_pool: a 2x2/2 max-pool after the CIFAR stem convolution (``pool0``): the convolution
             sees every pixel position at full resolution and the blocks start at half of it.
         transition_pool: the transitions' 2x2/2 pooling, ``"avg"`` (the paper's) or ``"max"``.
+        transition_order: where a transition pools: ``"norm-conv-pool"`` (the paper's),
+            ``"norm-pool-conv"`` or ``"pool-norm-conv"`` (see :class:`_Transition`; with average
+            pooling the first two are the same function, the second at a quarter of the
+            convolution's cost).
         activation: the nonlinearity after every batch norm, ``"relu"`` (the paper's) or ``"gelu"``;
             the modules keep their ``relu*`` names either way (no parameters, same state_dict keys).
         memory_efficient: keep only each layer's convolution outputs for backward and recompute
@@ -236,12 +262,13 @@ class DenseNet(nn.Module):
         transition_pool: str = "avg",
         activation: str = "relu",
         memory_efficient: bool = False,
+        transition_order: str = "norm-conv-pool",
     ) -> None:
         super().__init__()
         bn_size = int(bn_size or 0)
         block_config = [int(n) for n in block_config]
         _check_config(growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
-                      num_classes, stem, stem_stride, stem_pool, transition_pool, activation)
+                      num_classes, stem, stem_stride, stem_pool, transition_pool, activation, transition_order)
 
         if stem == "imagenet":
             layers = [
@@ -264,7 +291,7 @@ class DenseNet(nn.Module):
             channels += num_layers * growth_rate
             if b < len(block_config):
                 out_channels = math.floor(compression * channels)
-                transition = _Transition(channels, out_channels, transition_pool, activation)
+                transition = _Transition(channels, out_channels, transition_pool, activation, transition_order)
                 self.features.add_module(f"transition{b}", transition)
                 channels = out_channels
         self.features.add_module("norm5", nn.BatchNorm2d(channels))
@@ -285,6 +312,7 @@ class DenseNet(nn.Module):
             "stem_stride": int(stem_stride),
             "stem_pool": bool(stem_pool),
             "transition_pool": str(transition_pool),
+            "transition_order": str(transition_order),
             "activation": str(activation),
             "memory_efficient": bool(memory_efficient),
         }
@@ -373,7 +401,8 @@ def whiten_stem(model: nn.Module, images: Tensor, eps: float = 5e-4) -> None:
 
 
 def _check_config(growth_rate, block_config, num_init_features, bn_size, compression, drop_rate,
-                  num_classes, stem, stem_stride, stem_pool=False, transition_pool="avg", activation="relu") -> None:
+                  num_classes, stem, stem_stride, stem_pool=False, transition_pool="avg", activation="relu",
+                  transition_order="norm-conv-pool") -> None:
     problems = []
     if int(growth_rate) < 1:
         problems.append(f"growth_rate must be at least 1, got {growth_rate}")
@@ -397,6 +426,8 @@ def _check_config(growth_rate, block_config, num_init_features, bn_size, compres
         problems.append("stem_pool adds a max-pool to the cifar stem only (the imagenet stem has its own)")
     if transition_pool not in TRANSITION_POOLS:
         problems.append(f"transition_pool must be one of {', '.join(TRANSITION_POOLS)}, got {transition_pool!r}")
+    if transition_order not in TRANSITION_ORDERS:
+        problems.append(f"transition_order must be one of {', '.join(TRANSITION_ORDERS)}, got {transition_order!r}")
     if activation not in ACTIVATIONS:
         problems.append(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     if problems:
