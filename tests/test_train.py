@@ -232,9 +232,12 @@ def test_cpu_recipes_build_gelu_max_networks_and_empty_model_kwargs_restore_the_
         config = T.config_from_args(parser.parse_args(["--recipe", recipe]))
         built = create_model(config.model, **config.model_kwargs).config
         assert (config.model, built["activation"], built["transition_pool"]) == (model, "gelu", "max")
+        # cpu-30m pools each block's output before the transition's batch norm (forty-third session)
+        assert built["transition_order"] == ("pool-norm-conv" if recipe == "cpu-30m" else "norm-conv-pool")
         paper = T.config_from_args(parser.parse_args(["--recipe", recipe, "--model-kwargs", "{}"]))
         built = create_model(paper.model, **paper.model_kwargs).config
-        assert (built["activation"], built["transition_pool"]) == ("relu", "avg")
+        assert (built["activation"], built["transition_pool"], built["transition_order"]) == ("relu", "avg",
+                                                                                              "norm-conv-pool")
     quick = T.config_from_args(parser.parse_args(["--recipe", "quick"]))
     assert quick.model_kwargs == {}
 

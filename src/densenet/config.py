@@ -220,16 +220,19 @@ RECIPES: dict[str, dict] = {
                          "--amp auto)", crop_padding=0, model="densenet-cpu-k96", optimizer="muon", muon_lr=0.02),
     # cpu-30m: quick's optimisation with the fast CIFAR trainers' label smoothing 0.2, lookahead and BatchNorm
     # momentum, 2-pixel crops, progressive resizing from 24x24, densenet-cpu-m4 with GELU and max-pooling
-    # transitions; eager, since torch.compile was no faster for it on the Zen 5 or the AMX Xeon
+    # transitions that pool first (pool-norm-conv: 0.78 of the step, forty-third session); eager, since
+    # torch.compile was no faster for it on the Zen 5 or the AMX Xeon
     "cpu-30m": _cpu_recipe(30, 40, 1.8, "CPU, <= 30 minutes: the quick recipe (Muon for the filters) with "
                            "densenet-cpu-m4 (k=64, no "
-                           "compression, a first block at 32 pixels, GELU, max-pooling transitions) for as many "
+                           "compression, a first block at 32 pixels, GELU, max-pooling transitions that pool the "
+                           "block's output before their batch norm) for as many "
                            "epochs as fit (at most 40; "
                            "1.8 warm-up epochs), label smoothing 0.2, lookahead 0.77, BatchNorm momentum 0.4, "
                            "2-pixel random crops and progressive resizing (24x24 batches in the first half, full "
                            "size in the last quarter), eager (torch.compile measured no faster for densenet-cpu-m4 "
                            "on an AMD Zen 5 or an AMX Xeon)", model="densenet-cpu-m4",
-                           model_kwargs=dict(_GELU_MAX), crop_padding=2, label_smoothing=0.2, lookahead=0.77,
+                           model_kwargs=dict(_GELU_MAX, transition_order="pool-norm-conv"), crop_padding=2,
+                           label_smoothing=0.2, lookahead=0.77,
                            bn_momentum=0.4, low_res=24, optimizer="muon", muon_lr=0.02),
     # cpu-90m: cpu-30m's network and settings with SGD for every parameter (Muon tied it in 90 minutes on
     # the Zen 5 and the AMX Xeon), 4-pixel crops and 12-pixel cutout (without: a higher training accuracy,
