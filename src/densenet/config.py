@@ -69,7 +69,8 @@ class TrainConfig:
     model_kwargs: dict = setting(
         factory=dict, help="constructor arguments of the model as JSON, e.g. '{\"growth_rate\": 24}' "
         "(stored in the checkpoint: a resumed run rebuilds the same model); replaces the recipe's "
-        "(cpu-30m and cpu-90m: GELU and max-pooling transitions; '{}' for the paper's ReLU and average pooling)", group=MODEL, metavar="JSON")
+        "(cpu-30m and cpu-90m: GELU and max-pooling transitions, cpu-30m's pooling first; '{}' for the paper's "
+        "ReLU and average pooling)", group=MODEL, metavar="JSON")
     dataset: str = setting("cifar10", "", MODEL, choices=DATASETS)
     data_dir: str | None = setting(None, "dataset directory (default: $DENSENET_DATA, else ./data)", MODEL)
     num_classes: int | None = setting(None, "classifier outputs (default: the number of classes in the data)", MODEL)
