@@ -23,7 +23,7 @@ from densenet import cli
 from densenet import config as C
 from densenet import trainer as TR
 from densenet.errors import ConfigError, DenseNetError, ResourceError, TrainingError
-from densenet.registry import create_model
+from densenet.registry import create_model, model_arguments
 from densenet.runtime import fast_amp
 from densenet.weights import load_checkpoint, load_model
 from helpers import coloured_image_folder
@@ -238,8 +238,31 @@ def test_cpu_recipes_build_gelu_max_networks_and_empty_model_kwargs_restore_the_
         built = create_model(paper.model, **paper.model_kwargs).config
         assert (built["activation"], built["transition_pool"], built["transition_order"]) == ("relu", "avg",
                                                                                               "norm-conv-pool")
+    # quick averages before the 1x1 convolution: the paper's function (test_models), at less cost
     quick = T.config_from_args(parser.parse_args(["--recipe", "quick"]))
-    assert quick.model_kwargs == {}
+    assert quick.model_kwargs == {"transition_order": "norm-pool-conv"}
+    resnet = T.config_from_args(parser.parse_args(["--recipe", "quick", "--model", "resnet18-cifar", "--no-whiten"]))
+    assert resnet.model_kwargs == {}
+    C.validate(resnet)
+
+
+def test_a_recipe_s_model_kwargs_go_to_another_model_only_where_it_takes_them():
+    parser = argparse.ArgumentParser()
+    T.add_arguments(parser)
+    recipe = C.RECIPES["cpu-30m"]["settings"]["model_kwargs"]
+    for given in (["--model", "resnet18-cifar", "--no-whiten"], ["--model", "densenet-cpu-m"]):
+        from_flags = T.config_from_args(parser.parse_args(["--recipe", "cpu-30m", *given]))
+        from_dict = C.make_config(recipe="cpu-30m", model=given[1], whiten=given[1] != "resnet18-cifar")
+        expected = {} if given[1].startswith("resnet") else recipe
+        assert from_flags.model_kwargs == from_dict.model_kwargs == expected
+        C.validate(from_flags)  # builds the model
+    # the ResNet takes none of them, and explicit ones stay strict
+    assert model_arguments("resnet18-cifar").isdisjoint(recipe)
+    assert set(recipe) <= model_arguments("densenet-cpu-m4")
+    bad = T.config_from_args(parser.parse_args(["--recipe", "cpu-30m", "--model", "resnet18-cifar", "--no-whiten",
+                                                "--model-kwargs", '{"activation": "gelu"}']))
+    with pytest.raises(ConfigError, match="cannot build 'resnet18-cifar'.*activation"):
+        C.validate(bad)
 
 
 def test_lookahead_run_ends_on_the_slow_weights(tiny_data, tmp_path):

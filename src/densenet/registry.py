@@ -10,6 +10,7 @@ other architectures plug in with :func:`register_model` and :func:`register_arch
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -35,8 +36,8 @@ from densenet.models import (
 )
 from densenet.resnet import ResNet, resnet18_cifar, resnet34_cifar, resnet50_cifar
 
-__all__ = ["create_model", "list_models", "describe_models", "model_from_config", "register_model",
-           "register_arch"]
+__all__ = ["create_model", "list_models", "describe_models", "model_from_config", "model_arguments",
+           "register_model", "register_arch"]
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,14 @@ def create_model(name: str, num_classes: int | None = None, **overrides: Any) ->
     if isinstance(getattr(model, "config", None), dict):
         model.config["name"] = name.strip().lower()
     return model
+
+
+def model_arguments(name: str) -> frozenset[str]:
+    """The constructor arguments the model called ``name`` takes: its class's (``DenseNet``'s for the
+    whole family, ``ResNet``'s for the baselines). The model is built on the ``meta`` device."""
+    with torch.device("meta"):
+        model = _resolve(name)()
+    return frozenset(inspect.signature(type(model).__init__).parameters) - {"self"}
 
 
 def model_from_config(config: Mapping[str, Any]) -> nn.Module:

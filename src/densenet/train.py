@@ -46,7 +46,7 @@ def config_from_args(args) -> TrainConfig:
     model = given.get("model") or (recipe_settings(args.recipe)["model"] if args.recipe else TrainConfig.model)
     path = find_resume_checkpoint(given.get("resume"), given.get("out_dir"), model)
     if path is None:
-        values = recipe_settings(args.recipe) if args.recipe else {}
+        values = recipe_settings(args.recipe, given.get("model")) if args.recipe else {}
         values.update(given)
         if given.get("resume") == "auto":
             values["resume"] = None
