@@ -107,6 +107,7 @@ def test_warmup_cosine_onecycle_constant():
         (["--nesterov", "--momentum", "0"], "--nesterov needs a momentum"),
         (["--amp", "fp16", "--device", "cpu"], "--amp fp16 training needs CUDA"),
         (["--model", "densenet-bc-mini", "--whiten", "--epochs", "1"], "54 stem channels"),
+        (["--model", "densenet-cpu-s", "--train-stem", "--epochs", "1"], "--train-stem trains the whitened stem"),
     ],
 )
 def test_bad_settings_are_one_line_errors(argv, fragment, capsys):
@@ -363,6 +364,29 @@ def test_whitened_stem_stays_frozen_and_resumes_exactly(tiny_data, tmp_path, mon
     _assert_same(final, _final_weights(tmp_path / "split"))
     with pytest.raises(ConfigError, match="whiten=True"):
         TR.train(tiny_config(tiny_data, tmp_path / "split", resume="auto", **{**kw, "whiten": False}))
+
+
+def test_trained_stem_starts_from_the_whitening_and_learns(tiny_data, tmp_path, monkeypatch):
+    kw = dict(model="densenet-cpu-s", whiten=True, epochs=1, schedule="onecycle", warmup_epochs=0.5)
+    starts = []
+    real_whiten = TR.whiten_stem
+
+    def whiten_and_record(model, images):  # the filters as whitened, before any step
+        real_whiten(model, images)
+        starts.append(model.features.conv0.weight.detach().clone())
+
+    monkeypatch.setattr(TR, "whiten_stem", whiten_and_record)
+    for name, extra in (("frozen", {}), ("sgd", {"train_stem": True}),
+                        ("muon", {"train_stem": True, "optimizer": "muon"})):
+        TR.train(tiny_config(tiny_data, tmp_path / name, **kw, **extra))
+    assert torch.equal(starts[0], starts[1]) and torch.equal(starts[0], starts[2])  # the same whitening start
+    frozen, sgd, muon = (_final_weights(tmp_path / n)["model"]["features.conv0.weight"] for n in ("frozen", "sgd", "muon"))
+    assert torch.equal(frozen, starts[0])
+    for trained in (sgd, muon):  # trained: moved away from the whitening, yet still close to it after 6 steps
+        cosine = torch.nn.functional.cosine_similarity(trained.flatten(1), starts[0].flatten(1)).min()
+        assert not torch.allclose(trained, starts[0]) and cosine > 0.5
+    # Muon keeps every filter at unit length (the whitening's lengths are not)
+    assert torch.allclose(muon.flatten(1).norm(dim=1), torch.ones(len(muon)), atol=1e-3)
 
 
 def test_tensorboard_events_hold_the_epoch_metrics(tiny_data, tmp_path):

@@ -39,7 +39,7 @@ PROGRESS = ("auto", "bar", "lines", "none")
 DATASETS = ("cifar10", "cifar100")
 # settings a resumed run must share with its checkpoint (they define the model and the batches)
 RESUME_FIXED = ("model", "model_kwargs", "dataset", "batch_size", "seed", "subset", "val_split", "dropout",
-                "num_classes", "whiten", "bn_lr_scale", "optimizer")
+                "num_classes", "whiten", "train_stem", "bn_lr_scale", "optimizer")
 
 # flag groups of `densenet train --help`, in order
 MODEL, OPTIM, AUGMENT, HARDWARE, RUN = "model and data", "optimisation", "augmentation and evaluation", "hardware", "run"
@@ -85,6 +85,8 @@ class TrainConfig:
                                      MODEL)
     whiten: bool = setting(False, "set the stem to frozen patch-whitening filters of the training images (the "
                            "model's stem must have 2 x 27 = 54 channels, as the densenet-cpu-* models do)", MODEL)
+    train_stem: bool = setting(False, "with --whiten: train the stem's filters from the whitening on, like every "
+                               "other filter, instead of keeping them frozen", MODEL)
 
     epochs: int = setting(200, "", OPTIM)
     batch_size: int = setting(64, "images per step per process; under torchrun the global batch is this x the "
@@ -414,6 +416,7 @@ def validate(config: TrainConfig) -> None:
          "--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU)")
     with torch.device("meta"):  # the name and the keyword arguments must build a model
         model = create_model(c.model, num_classes=10, **model_overrides(c))
+    need(c.whiten or not c.train_stem, "--train-stem trains the whitened stem's filters: it needs --whiten")
     if c.whiten:
         conv = getattr(getattr(model, "features", None), "conv0", None)
         shape = tuple(conv.weight.shape) if isinstance(conv, torch.nn.Conv2d) else None

@@ -422,12 +422,15 @@ class Trainer:
         }
 
     def _whiten(self, model) -> None:
-        """Whiten the stem from the first training images (no randomness: resumes rebuild it alike)."""
+        """Whiten the stem from the first training images (no randomness: resumes rebuild it alike);
+        frozen, or with --train-stem trained from there on."""
         train_set = self.data["train"]
         images = train_set.images[:WHITEN_IMAGES].float() / 255.0
         mean = torch.tensor(train_set.mean).view(1, 3, 1, 1)
         std = torch.tensor(train_set.std).view(1, 3, 1, 1)
         whiten_stem(model, (images - mean) / std)
+        if self.config.train_stem:  # the whitening is only the filters' start
+            model.features.conv0.weight.requires_grad_(True)
 
     def _restore(self, checkpoint: dict) -> None:
         try:
