@@ -55,8 +55,11 @@ def recompress(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     abs_sum = sq_sum = 0.0
     values = 0
     for path in files:
-        with Image.open(path) as image:
-            before = np.asarray(image.convert("RGB"))
+        try:
+            with Image.open(path) as image:
+                before = np.asarray(image.convert("RGB"))
+        except OSError as exc:
+            parser.error(f"cannot read {path}: {exc}")
         data, after = jpeg(before, args.quality)
         target = args.out / path.relative_to(args.source)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,15 @@ def test_bad_arguments_exit_with_one_line(tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+def test_a_corrupt_jpeg_is_named(tmp_path, capsys):
+    source = jpeg_folder(tmp_path / "src")
+    (source / "test" / "dog" / "0001.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(SystemExit):
+        jpeg_quality.main(["recompress", str(source), str(tmp_path / "out"), "--quality", "50"])
+    err = capsys.readouterr().err
+    assert "cannot read" in err and str(Path("dog") / "0001.jpg") in err
+
+
 def test_a_folder_without_jpegs_is_refused(tmp_path, capsys):
     (tmp_path / "empty" / "train").mkdir(parents=True)
     with pytest.raises(SystemExit):
