@@ -683,6 +683,25 @@ def test_fit_epochs_fits_within_an_epoch_refits_and_a_resume_keeps_them(tiny_dat
     assert calls[0]["steps_done"] == 5 and early.epochs_completed == 3
 
 
+def test_refits_price_the_final_evaluation_by_the_last_one_with_eval_every(tiny_data, tmp_path, monkeypatch):
+    # --eval-every 2: epoch 1 is not evaluated (nothing to price the final TTA views by yet), epoch 2 is;
+    # after epoch 3, not evaluated, the final evaluation's extra views are still priced by epoch 2's
+    extras = []
+
+    def fake_fit(budget, elapsed, per_step, steps_done, steps_per_epoch, eval_seconds, eval_every, most,
+                 least=1.0, extra_seconds=0.0, step_cost=None):
+        extras.append(extra_seconds)
+        return 4.0
+
+    monkeypatch.setattr(TR, "FIT_STEPS", (1, 3))
+    monkeypatch.setattr(TR, "fitting_epochs", fake_fit)
+    result = TR.train(tiny_config(tiny_data, tmp_path / "run", epochs=5, fit_epochs=True, max_minutes=30,
+                                  eval_every=2, final_tta=True, tta_translate=True))
+    assert result.epochs_completed == 4 and [row["test_acc"] is not None for row in result.history] == [
+        False, True, False, True]
+    assert len(extras) == 4 and extras[1] == 0.0 and extras[2] > 0 and extras[3] == extras[2]
+
+
 def test_final_tta_evaluates_the_mirror_only_at_the_end(tiny_data, tmp_path, monkeypatch):
     seen, translated = [], []
     real = TR.evaluate

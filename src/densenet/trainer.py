@@ -645,14 +645,15 @@ class Trainer:
         """--fit-epochs after an epoch: fit the epochs again from this process's measured times so far
         (``train_seconds`` for the steps of ``cost_done``; ``besides``: an epoch's evaluation, checkpoint and
         plot on average, evaluated or not, which is near enough for --eval-every 1 or every few)."""
-        dist, row = self.dist, self.state.history[-1]
+        dist = self.dist
         if not self.cost_done:
             return
         (per_step,) = dist.max([train_seconds / self.cost_done])  # a full-size step's time
         (elapsed,) = dist.max([time.monotonic() - self.t0])
         (overhead,) = dist.max([besides])
         views, extra = self._eval_views()
-        one_view = row["eval_seconds"] / views if row.get("test_acc") is not None else 0.0
+        # the final evaluation's extra views, priced by the last evaluation (with --eval-every N not the last epoch's)
+        (one_view,) = dist.max([self.view_seconds[-1] if self.view_seconds else 0.0])
         least = (self.state.global_step + 1) / self.steps_per_epoch
         epochs = fitting_epochs(budget, elapsed, per_step, self.state.global_step, self.steps_per_epoch, overhead,
                                 1, most=max(most, least), least=least, extra_seconds=extra * one_view,
