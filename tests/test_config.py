@@ -76,10 +76,22 @@ def test_the_docs_flag_table_is_the_fields():
 
 def test_augmentation_fields_are_the_augmenters_keywords():
     # a new augmentation: an Augmenter keyword argument plus a TrainConfig field with augment=True
-    settings = C.augment_settings(C.TrainConfig(cutout=8, color_jitter=0.2))
-    assert settings == {"crop_padding": 4, "flip": True, "alternate_flip": False, "cutout": 8, "color_jitter": 0.2}
+    settings = C.augment_settings(C.TrainConfig(cutout=8, color_jitter=0.2, padding_mode="reflect"))
+    assert settings == {"crop_padding": 4, "padding_mode": "reflect", "flip": True, "alternate_flip": False,
+                        "cutout": 8, "color_jitter": 0.2}
     assert set(settings) <= set(inspect.signature(Augmenter).parameters)
-    Augmenter((0.5,) * 3, (0.25,) * 3, **settings)
+    assert Augmenter((0.5,) * 3, (0.25,) * 3, **settings).padding_mode == "reflect"
+
+
+def test_padding_mode_is_checked_and_parsed():
+    C.validate(C.make_config(padding_mode="reflect"))
+    with pytest.raises(ConfigError, match="unknown --padding-mode 'edge'; choose one of zeros, reflect"):
+        C.validate(C.make_config(padding_mode="edge"))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(["--padding-mode", "reflect"]).padding_mode == "reflect"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--padding-mode", "edge"])
 
 
 def test_model_kwargs_reach_the_model_and_bad_ones_are_one_line_errors():

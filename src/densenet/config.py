@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from densenet.augment import PADDING_MODES
 from densenet.errors import ConfigError
 from densenet.registry import create_model, model_arguments
 from densenet.runtime import resolve_device
@@ -121,7 +122,11 @@ class TrainConfig:
                                       "progress^3 of them and training restarts from it; the run ends on the "
                                       "slow weights, e.g. 0.77 (default off; 0: off)", OPTIM, metavar="DECAY")
 
-    crop_padding: int = setting(4, "random crop of the zero-padded image", AUGMENT, augment=True)
+    crop_padding: int = setting(4, "random crop of the image padded by this many pixels (0: no crops)", AUGMENT,
+                                augment=True)
+    padding_mode: str = setting("zeros", "how the crops' padding is filled: zeros (black; torchvision's default) "
+                                "or reflect (the image mirrored at its edge, as the fast CIFAR trainers pad)",
+                                AUGMENT, augment=True, choices=PADDING_MODES)
     flip: bool = setting(True, "random horizontal flip", AUGMENT, augment=True)
     alternate_flip: bool = setting(False, "flip each image in every other epoch instead of at random (a fixed "
                                    "half of the images in even epochs, the other half in odd ones; needs --flip)",
@@ -372,6 +377,8 @@ def validate(config: TrainConfig) -> None:
          f"--bn-momentum must be in (0, 1], e.g. 0.4, got {c.bn_momentum}")
     need(0 <= c.dropout < 1, f"--dropout must be in [0, 1), got {c.dropout}")
     need(is_int(c.crop_padding) and c.crop_padding >= 0, f"--crop-padding must be >= 0, got {c.crop_padding!r}")
+    need(c.padding_mode in PADDING_MODES,
+         f"unknown --padding-mode {c.padding_mode!r}; choose one of {', '.join(PADDING_MODES)}")
     need(c.flip or not c.alternate_flip, "--alternate-flip needs --flip")
     need(c.tta or c.final_tta or not c.tta_translate, "--tta-translate needs --tta or --final-tta")
     need(is_int(c.cutout) and c.cutout >= 0, f"--cutout must be >= 0, got {c.cutout!r}")
