@@ -186,6 +186,19 @@ def test_options_switched_off_leave_images_alone():
     assert torch.equal(aug(x, torch.Generator().manual_seed(0)), aug(x, train=False))
 
 
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+def test_weak_batches_are_the_flips_only_augmenter_s(mode):
+    # strong=False (--augment-from before its fraction): no crops, jitter or cutout, the same flips
+    x, index = _images(24), torch.randperm(24, generator=torch.Generator().manual_seed(2))[:16]
+    full = Augmenter(MEAN, STD, crop_padding=4, padding_mode=mode, alternate_flip=True, cutout=8, color_jitter=0.4)
+    flips_only = Augmenter(MEAN, STD, crop_padding=0, padding_mode=mode, alternate_flip=True)
+    for epoch in (0, 1):
+        weak = full(x, torch.Generator().manual_seed(5), index=index, epoch=epoch, strong=False)
+        assert torch.equal(weak, flips_only(x, torch.Generator().manual_seed(5), index=index, epoch=epoch))
+    strong = full(x, torch.Generator().manual_seed(5), index=index, epoch=0)
+    assert not torch.equal(strong, flips_only(x, torch.Generator().manual_seed(5), index=index, epoch=0))
+
+
 def test_alternating_flip_shows_every_image_both_ways_in_two_epochs():
     x = _images(64)
     aug = Augmenter(MEAN, STD, crop_padding=0, alternate_flip=True)

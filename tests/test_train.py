@@ -22,6 +22,7 @@ import densenet.train as T
 from densenet import cli
 from densenet import config as C
 from densenet import trainer as TR
+from densenet.augment import Augmenter
 from densenet.errors import ConfigError, DenseNetError, ResourceError, TrainingError
 from densenet.registry import create_model, model_arguments
 from densenet.runtime import fast_amp
@@ -102,6 +103,7 @@ def test_warmup_cosine_onecycle_constant():
         (["--low-res", "4"], "--low-res must be a side of at least 8"),
         (["--low-res", "24", "--low-res-ramp", "0.8,0.5"], "--low-res-ramp must be two fractions"),
         (["--low-res", "24", "--low-res-ramp", "0.5,x"], "--low-res-ramp must be numbers"),
+        (["--augment-from", "1"], "--augment-from must be a fraction of the run in [0, 1)"),
         (["--fit-epochs"], "--fit-epochs needs --max-minutes"),
         (["--warmup-epochs", "500"], "--warmup-epochs"),
         (["--nesterov", "--momentum", "0"], "--nesterov needs a momentum"),
@@ -634,6 +636,27 @@ def test_low_res_trains_on_smaller_batches_then_full_ones(tiny_data, tmp_path, m
     assert "--low-res: training on 32x32 batches from step 10" in out
     with pytest.raises(ConfigError, match="--low-res 32 must be below the images' side, 32"):
         TR.train(tiny_config(tiny_data, tmp_path / "big", low_res=32))
+
+
+def test_augment_from_trains_on_flips_only_then_adds_crops_and_cutout(tiny_data, tmp_path, monkeypatch, capsys):
+    strong = []
+    real = Augmenter.__call__
+
+    def spy(self, *args, **kw):
+        if kw.get("train", True):
+            strong.append(kw.get("strong", True))
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(Augmenter, "__call__", spy)
+    result = TR.train(tiny_config(tiny_data, tmp_path / "run", epochs=2, augment_from=0.4, cutout=8,
+                                  progress="lines"))
+    assert result.stop_reason == "completed"
+    # 12 steps: flips only while the global step (from 0) is below 0.4 x 12, crops and cutout from step 6
+    assert strong == [False] * 5 + [True] * 7
+    out = capsys.readouterr().out
+    assert "--augment-from: flips only from step 1" in out
+    assert "--augment-from: random crops, cutout and colour jitter from step 6" in out
+    assert out.count("--augment-from:") == 2
 
 
 def test_fit_epochs_fits_within_an_epoch_refits_and_a_resume_keeps_them(tiny_data, tmp_path, monkeypatch, capsys):

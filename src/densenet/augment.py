@@ -277,33 +277,36 @@ class Augmenter:
         train: bool = True,
         index: torch.Tensor | None = None,
         epoch: int = 0,
+        strong: bool = True,
     ) -> torch.Tensor:
         """The batch ``images[index]`` (all of ``images`` when ``index`` is None), augmented and normalised.
 
         Passing the whole dataset with ``index`` lets the batch be gathered straight into the
-        augmentation's working buffer, saving a copy. ``epoch`` matters only with ``alternate_flip``.
+        augmentation's working buffer, saving a copy. ``epoch`` matters only with ``alternate_flip``;
+        ``strong=False`` leaves out the crops, colour jitter and cutout (the flips stay).
         """
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ConfigError(f"Augmenter expects uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         _, _, h, w = images.shape
         b = images.shape[0] if index is None else index.numel()
         dev = images.device
-        if train and (self.crop_padding or self.flip):
-            offsets = torch.full((b, 2), self.crop_padding, dtype=torch.long, device=dev)
-            if self.crop_padding:
-                offsets = torch.randint(0, 2 * self.crop_padding + 1, (b, 2), generator=generator, device=dev)
+        padding, jitter, cut = (self.crop_padding, self.color_jitter, self.cutout) if strong else (0, 0.0, 0)
+        if train and (padding or self.flip):
+            offsets = torch.full((b, 2), padding, dtype=torch.long, device=dev)
+            if padding:
+                offsets = torch.randint(0, 2 * padding + 1, (b, 2), generator=generator, device=dev)
             flips = torch.rand(b, generator=generator, device=dev) < 0.5 if self.flip else None
             if self.alternate_flip:
                 flips = alternating_flips(torch.arange(b, device=dev) if index is None else index.to(dev), epoch)
             if self.padding_mode == "zeros":
-                images = gather_crop_flip(images, index, offsets, flips, self.crop_padding)
+                images = gather_crop_flip(images, index, offsets, flips, padding)
             else:
-                images = crop_flip(self._select(images, index), offsets, flips, self.crop_padding, self.padding_mode)
+                images = crop_flip(self._select(images, index), offsets, flips, padding, self.padding_mode)
         else:
             images = self._select(images, index)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        if train and self.color_jitter:
-            s = self.color_jitter
+        if train and jitter:
+            s = jitter
             factors = torch.empty(b, 3, device=dev).uniform_(max(0.0, 1 - s), 1 + s, generator=generator)
             x = color_jitter(images.to(torch.float32) / 255.0, factors)
             mean = torch.tensor(self.mean, device=dev).view(1, 3, 1, 1)
@@ -314,7 +317,7 @@ class Augmenter:
             x = torch.empty(images.shape, dtype=self.dtype, device=dev, memory_format=fmt)
             scale, shift = self._scale_shift(dev, (h, w))
             torch.addcmul(shift, images, scale, out=x)
-        if train and self.cutout:
+        if train and cut:
             centres = torch.stack(
                 [
                     torch.randint(0, h, (b,), generator=generator, device=dev),
@@ -322,7 +325,7 @@ class Augmenter:
                 ],
                 dim=1,
             )
-            x.masked_fill_(_cutout_mask(x.shape, centres, self.cutout, dev), 0.0)
+            x.masked_fill_(_cutout_mask(x.shape, centres, cut, dev), 0.0)
         return x
 
     @staticmethod

@@ -133,6 +133,8 @@ class TrainConfig:
                                    AUGMENT, augment=True)
     cutout: int = setting(0, "cutout square side in pixels (0: off)", AUGMENT, augment=True)
     color_jitter: float = setting(0.0, "brightness/contrast/saturation strength (0: off)", AUGMENT, augment=True)
+    augment_from: float = setting(0.0, "random crops, cutout and colour jitter only from this fraction of the run on "
+                                  "(flips from the start; 0: all from the start), e.g. 0.5", AUGMENT, metavar="FRACTION")
     tta: bool = setting(False, "flip test-time augmentation in every evaluation", AUGMENT)
     final_tta: bool = setting(False, "flip test-time augmentation in the final evaluation only (the per-epoch "
                               "ones without)", AUGMENT)
@@ -383,6 +385,7 @@ def validate(config: TrainConfig) -> None:
     need(c.tta or c.final_tta or not c.tta_translate, "--tta-translate needs --tta or --final-tta")
     need(is_int(c.cutout) and c.cutout >= 0, f"--cutout must be >= 0, got {c.cutout!r}")
     need(c.color_jitter >= 0, f"--color-jitter must be >= 0, got {c.color_jitter}")
+    need(0 <= c.augment_from < 1, f"--augment-from must be a fraction of the run in [0, 1), got {c.augment_from}")
     need(is_int(c.val_split) and c.val_split >= 0, f"--val-split must be >= 0, got {c.val_split!r}")
     need(c.subset is None or (is_int(c.subset) and c.subset >= 1), f"--subset must be >= 1, got {c.subset!r}")
     need(c.test_subset is None or (is_int(c.test_subset) and c.test_subset >= 1),

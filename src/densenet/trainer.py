@@ -232,6 +232,7 @@ class Trainer:
         self.final_views: int | None = None  # the views of the final test accuracy's evaluation (_finish)
         self.cost_done = 0.0  # this process's optimizer steps, each weighted by its pixels (--low-res: < 1)
         self.side = None  # the side of the last training batch (--low-res reports its changes)
+        self.strong = None  # whether the last training batch had crops and cutout (--augment-from reports it)
 
     # process-wide set-up, and the errors a run can end with ---------------------------------------
 
@@ -764,7 +765,13 @@ class Trainer:
         idx = index.to(self.device, non_blocking=True)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(batch_seed(self.config.seed, epoch, step, self.dist.rank))
-        x = self.augmenter(self.train_images, generator=generator, train=True, index=idx, epoch=epoch)
+        strong = self.state.global_step >= self.config.augment_from * self.total_steps()
+        if strong != self.strong:
+            if self.strong is not None or not strong:
+                self._say(f"--augment-from: {'random crops, cutout and colour jitter' if strong else 'flips only'} "
+                          f"from step {self.state.global_step + 1}")
+            self.strong = strong
+        x = self.augmenter(self.train_images, generator=generator, train=True, index=idx, epoch=epoch, strong=strong)
         side = self._side(self.state.global_step)
         if side != self.side:
             if self.side is not None or side != self.full_side:
