@@ -104,6 +104,7 @@ def test_warmup_cosine_onecycle_constant():
         (["--low-res", "24", "--low-res-ramp", "0.8,0.5"], "--low-res-ramp must be two fractions"),
         (["--low-res", "24", "--low-res-ramp", "0.5,x"], "--low-res-ramp must be numbers"),
         (["--augment-from", "1"], "--augment-from must be a fraction of the run in [0, 1)"),
+        (["--augment-from", "0.5", "--crop-padding", "0"], "--augment-from needs random crops, cutout or colour"),
         (["--fit-epochs"], "--fit-epochs needs --max-minutes"),
         (["--warmup-epochs", "500"], "--warmup-epochs"),
         (["--nesterov", "--momentum", "0"], "--nesterov needs a momentum"),
@@ -654,8 +655,8 @@ def test_augment_from_trains_on_flips_only_then_adds_crops_and_cutout(tiny_data,
     # 12 steps: flips only while the global step (from 0) is below 0.4 x 12, crops and cutout from step 6
     assert strong == [False] * 5 + [True] * 7
     out = capsys.readouterr().out
-    assert "--augment-from: flips only from step 1" in out
-    assert "--augment-from: random crops, cutout and colour jitter from step 6" in out
+    assert "--augment-from: no random crops or cutout from step 1" in out
+    assert "--augment-from: random crops and cutout from step 6" in out
     assert out.count("--augment-from:") == 2
 
 

@@ -386,6 +386,8 @@ def validate(config: TrainConfig) -> None:
     need(is_int(c.cutout) and c.cutout >= 0, f"--cutout must be >= 0, got {c.cutout!r}")
     need(c.color_jitter >= 0, f"--color-jitter must be >= 0, got {c.color_jitter}")
     need(0 <= c.augment_from < 1, f"--augment-from must be a fraction of the run in [0, 1), got {c.augment_from}")
+    need(not c.augment_from or c.crop_padding or c.cutout or c.color_jitter,
+         "--augment-from needs random crops, cutout or colour jitter to hold back")
     need(is_int(c.val_split) and c.val_split >= 0, f"--val-split must be >= 0, got {c.val_split!r}")
     need(c.subset is None or (is_int(c.subset) and c.subset >= 1), f"--subset must be >= 1, got {c.subset!r}")
     need(c.test_subset is None or (is_int(c.test_subset) and c.test_subset >= 1),

@@ -768,7 +768,10 @@ class Trainer:
         strong = self.state.global_step >= self.config.augment_from * self.total_steps()
         if strong != self.strong:
             if self.strong is not None or not strong:
-                self._say(f"--augment-from: {'random crops, cutout and colour jitter' if strong else 'flips only'} "
+                c = self.config
+                named = [what for what, on in (("random crops", c.crop_padding), ("colour jitter", c.color_jitter),
+                                               ("cutout", c.cutout)) if on]
+                self._say(f"--augment-from: {' and '.join(named) if strong else 'no ' + ' or '.join(named)} "
                           f"from step {self.state.global_step + 1}")
             self.strong = strong
         x = self.augmenter(self.train_images, generator=generator, train=True, index=idx, epoch=epoch, strong=strong)
