@@ -105,6 +105,9 @@ def test_warmup_cosine_onecycle_constant():
         (["--low-res", "24", "--low-res-ramp", "0.5,x"], "--low-res-ramp must be numbers"),
         (["--augment-from", "1"], "--augment-from must be a fraction of the run in [0, 1)"),
         (["--augment-from", "0.5", "--crop-padding", "0"], "--augment-from needs random crops, cutout or colour"),
+        (["--augment-until", "0"], "--augment-until must be a fraction of the run in (--augment-from, 1] = (0, 1]"),
+        (["--augment-from", "0.5", "--augment-until", "0.5"], "--augment-until must be a fraction of the run in"),
+        (["--augment-until", "0.9", "--crop-padding", "0"], "--augment-until needs random crops, cutout or colour"),
         (["--fit-epochs"], "--fit-epochs needs --max-minutes"),
         (["--warmup-epochs", "500"], "--warmup-epochs"),
         (["--nesterov", "--momentum", "0"], "--nesterov needs a momentum"),
@@ -658,6 +661,28 @@ def test_augment_from_trains_on_flips_only_then_adds_crops_and_cutout(tiny_data,
     assert "--augment-from: no random crops or cutout from step 1" in out
     assert "--augment-from: random crops and cutout from step 6" in out
     assert out.count("--augment-from:") == 2
+
+
+def test_augment_until_ends_crops_and_cutout_before_the_end_of_the_run(tiny_data, tmp_path, monkeypatch, capsys):
+    strong = []
+    real = Augmenter.__call__
+
+    def spy(self, *args, **kw):
+        if kw.get("train", True):
+            strong.append(kw.get("strong", True))
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(Augmenter, "__call__", spy)
+    result = TR.train(tiny_config(tiny_data, tmp_path / "run", epochs=2, augment_from=0.2, augment_until=0.75,
+                                  cutout=8, progress="lines"))
+    assert result.stop_reason == "completed"
+    # 12 steps (global step from 0): crops and cutout while 0.2 x 12 <= step < 0.75 x 12, flips only around them
+    assert strong == [False] * 3 + [True] * 6 + [False] * 3
+    out = capsys.readouterr().out
+    assert "--augment-from: no random crops or cutout from step 1" in out
+    assert "--augment-from: random crops and cutout from step 4" in out
+    assert "--augment-until: no random crops or cutout from step 10" in out
+    assert out.count("--augment-from:") == 2 and out.count("--augment-until:") == 1
 
 
 def test_fit_epochs_fits_within_an_epoch_refits_and_a_resume_keeps_them(tiny_data, tmp_path, monkeypatch, capsys):

@@ -135,6 +135,8 @@ class TrainConfig:
     color_jitter: float = setting(0.0, "brightness/contrast/saturation strength (0: off)", AUGMENT, augment=True)
     augment_from: float = setting(0.0, "random crops, cutout and colour jitter only from this fraction of the run on "
                                   "(flips from the start; 0: all from the start), e.g. 0.5", AUGMENT, metavar="FRACTION")
+    augment_until: float = setting(1.0, "random crops, cutout and colour jitter only until this fraction of the run "
+                                   "(flips to the end; 1: all to the end), e.g. 0.9", AUGMENT, metavar="FRACTION")
     tta: bool = setting(False, "flip test-time augmentation in every evaluation", AUGMENT)
     final_tta: bool = setting(False, "flip test-time augmentation in the final evaluation only (the per-epoch "
                               "ones without)", AUGMENT)
@@ -388,6 +390,11 @@ def validate(config: TrainConfig) -> None:
     need(0 <= c.augment_from < 1, f"--augment-from must be a fraction of the run in [0, 1), got {c.augment_from}")
     need(not c.augment_from or c.crop_padding or c.cutout or c.color_jitter,
          "--augment-from needs random crops, cutout or colour jitter to hold back")
+    need(c.augment_from < c.augment_until <= 1,
+         f"--augment-until must be a fraction of the run in (--augment-from, 1] = ({c.augment_from:g}, 1], "
+         f"got {c.augment_until}")
+    need(c.augment_until == 1 or c.crop_padding or c.cutout or c.color_jitter,
+         "--augment-until needs random crops, cutout or colour jitter to leave out")
     need(is_int(c.val_split) and c.val_split >= 0, f"--val-split must be >= 0, got {c.val_split!r}")
     need(c.subset is None or (is_int(c.subset) and c.subset >= 1), f"--subset must be >= 1, got {c.subset!r}")
     need(c.test_subset is None or (is_int(c.test_subset) and c.test_subset >= 1),

@@ -232,7 +232,7 @@ class Trainer:
         self.final_views: int | None = None  # the views of the final test accuracy's evaluation (_finish)
         self.cost_done = 0.0  # this process's optimizer steps, each weighted by its pixels (--low-res: < 1)
         self.side = None  # the side of the last training batch (--low-res reports its changes)
-        self.strong = None  # whether the last training batch had crops and cutout (--augment-from reports it)
+        self.strong = None  # whether the last training batch had crops and cutout (--augment-from/--augment-until report it)
 
     # process-wide set-up, and the errors a run can end with ---------------------------------------
 
@@ -765,14 +765,15 @@ class Trainer:
         idx = index.to(self.device, non_blocking=True)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(batch_seed(self.config.seed, epoch, step, self.dist.rank))
-        strong = self.state.global_step >= self.config.augment_from * self.total_steps()
+        c, step, total = self.config, self.state.global_step, self.total_steps()
+        strong = c.augment_from * total <= step < c.augment_until * total
         if strong != self.strong:
             if self.strong is not None or not strong:
-                c = self.config
                 named = [what for what, on in (("random crops", c.crop_padding), ("colour jitter", c.color_jitter),
                                                ("cutout", c.cutout)) if on]
-                self._say(f"--augment-from: {' and '.join(named) if strong else 'no ' + ' or '.join(named)} "
-                          f"from step {self.state.global_step + 1}")
+                flag = "--augment-until" if step >= c.augment_until * total else "--augment-from"
+                self._say(f"{flag}: {' and '.join(named) if strong else 'no ' + ' or '.join(named)} "
+                          f"from step {step + 1}")
             self.strong = strong
         x = self.augmenter(self.train_images, generator=generator, train=True, index=idx, epoch=epoch, strong=strong)
         side = self._side(self.state.global_step)
