@@ -685,6 +685,28 @@ def test_augment_until_ends_crops_and_cutout_before_the_end_of_the_run(tiny_data
     assert out.count("--augment-from:") == 2 and out.count("--augment-until:") == 1
 
 
+def test_a_refit_does_not_switch_the_augmentation_back(tiny_data, tmp_path, monkeypatch, capsys):
+    strong = []
+    real_call, real_total = Augmenter.__call__, TR.Trainer.total_steps
+
+    def spy(self, *args, **kw):
+        if kw.get("train", True):
+            strong.append(kw.get("strong", True))
+        return real_call(self, *args, **kw)
+
+    # a refit after step 10 plans 2 more steps: --augment-until's 0.75 moves from step 9 to 10.5, past step 10
+    monkeypatch.setattr(Augmenter, "__call__", spy)
+    monkeypatch.setattr(TR.Trainer, "total_steps", lambda self: real_total(self) + 2 * (self.state.global_step >= 10))
+    result = TR.train(tiny_config(tiny_data, tmp_path / "run", epochs=2, augment_until=0.75, cutout=8,
+                                  progress="lines"))
+    assert result.stop_reason == "completed"
+    assert strong == [True] * 9 + [False] * 3
+    out = capsys.readouterr().out
+    assert out.count("--augment-until: no random crops or cutout from step 10") == 1
+    assert "--augment-from" not in out
+    assert state(tmp_path / "run" / "checkpoint-last.pt")["augment_phase"] == 2
+
+
 def test_fit_epochs_fits_within_an_epoch_refits_and_a_resume_keeps_them(tiny_data, tmp_path, monkeypatch, capsys):
     calls = []
 

@@ -141,11 +141,15 @@ class RunState:
     best_epoch: int | None = None
     elapsed_before: float = 0.0  # wall seconds of the earlier processes of this run
     fitted_epochs: float | None = None  # the epochs --fit-epochs chose (the last one may end early)
+    # 0 before --augment-from's fraction, 1 inside the augmentation, 2 after --augment-until's; only ever
+    # advances, so a refit that moves a fraction past the current step does not switch the augmentation back
+    augment_phase: int = 0
 
     def checkpoint_fields(self) -> dict:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "partial": asdict(self.partial) if self.partial else None, "history": self.history,
-                "best": {"acc": self.best_acc, "epoch": self.best_epoch}, "fitted_epochs": self.fitted_epochs}
+                "best": {"acc": self.best_acc, "epoch": self.best_epoch}, "fitted_epochs": self.fitted_epochs,
+                "augment_phase": self.augment_phase}
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> RunState:
@@ -156,7 +160,8 @@ class RunState:
                    partial=EpochSums.from_checkpoint(partial) if partial else None,
                    history=list(checkpoint.get("history", [])), best_acc=best.get("acc"),
                    best_epoch=best.get("epoch"), elapsed_before=float(checkpoint.get("elapsed_seconds", 0.0)),
-                   fitted_epochs=checkpoint.get("fitted_epochs"))
+                   fitted_epochs=checkpoint.get("fitted_epochs"),
+                   augment_phase=int(checkpoint.get("augment_phase", 0)))
 
 
 @dataclass
@@ -766,12 +771,14 @@ class Trainer:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(batch_seed(self.config.seed, epoch, step, self.dist.rank))
         c, step, total = self.config, self.state.global_step, self.total_steps()
-        strong = c.augment_from * total <= step < c.augment_until * total
+        phase = max(self.state.augment_phase,
+                    0 if step < c.augment_from * total else 1 if step < c.augment_until * total else 2)
+        self.state.augment_phase, strong = phase, phase == 1
         if strong != self.strong:
             if self.strong is not None or not strong:
                 named = [what for what, on in (("random crops", c.crop_padding), ("colour jitter", c.color_jitter),
                                                ("cutout", c.cutout)) if on]
-                flag = "--augment-until" if step >= c.augment_until * total else "--augment-from"
+                flag = "--augment-until" if phase == 2 else "--augment-from"
                 self._say(f"{flag}: {' and '.join(named) if strong else 'no ' + ' or '.join(named)} "
                           f"from step {step + 1}")
             self.strong = strong
