@@ -642,7 +642,9 @@ def test_low_res_trains_on_smaller_batches_then_full_ones(tiny_data, tmp_path, m
         TR.train(tiny_config(tiny_data, tmp_path / "big", low_res=32))
 
 
-def test_augment_from_trains_on_flips_only_then_adds_crops_and_cutout(tiny_data, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def augmented(monkeypatch) -> list[bool]:
+    """Whether each training batch was given the crops and cutout (Augmenter's ``strong``), in order."""
     strong = []
     real = Augmenter.__call__
 
@@ -652,32 +654,27 @@ def test_augment_from_trains_on_flips_only_then_adds_crops_and_cutout(tiny_data,
         return real(self, *args, **kw)
 
     monkeypatch.setattr(Augmenter, "__call__", spy)
+    return strong
+
+
+def test_augment_from_trains_on_flips_only_then_adds_crops_and_cutout(tiny_data, tmp_path, augmented, capsys):
     result = TR.train(tiny_config(tiny_data, tmp_path / "run", epochs=2, augment_from=0.4, cutout=8,
                                   progress="lines"))
     assert result.stop_reason == "completed"
     # 12 steps: flips only while the global step (from 0) is below 0.4 x 12, crops and cutout from step 6
-    assert strong == [False] * 5 + [True] * 7
+    assert augmented == [False] * 5 + [True] * 7
     out = capsys.readouterr().out
     assert "--augment-from: no random crops or cutout from step 1" in out
     assert "--augment-from: random crops and cutout from step 6" in out
     assert out.count("--augment-from:") == 2
 
 
-def test_augment_until_ends_crops_and_cutout_before_the_end_of_the_run(tiny_data, tmp_path, monkeypatch, capsys):
-    strong = []
-    real = Augmenter.__call__
-
-    def spy(self, *args, **kw):
-        if kw.get("train", True):
-            strong.append(kw.get("strong", True))
-        return real(self, *args, **kw)
-
-    monkeypatch.setattr(Augmenter, "__call__", spy)
+def test_augment_until_ends_crops_and_cutout_before_the_end_of_the_run(tiny_data, tmp_path, augmented, capsys):
     result = TR.train(tiny_config(tiny_data, tmp_path / "run", epochs=2, augment_from=0.2, augment_until=0.75,
                                   cutout=8, progress="lines"))
     assert result.stop_reason == "completed"
     # 12 steps (global step from 0): crops and cutout while 0.2 x 12 <= step < 0.75 x 12, flips only around them
-    assert strong == [False] * 3 + [True] * 6 + [False] * 3
+    assert augmented == [False] * 3 + [True] * 6 + [False] * 3
     out = capsys.readouterr().out
     assert "--augment-from: no random crops or cutout from step 1" in out
     assert "--augment-from: random crops and cutout from step 4" in out
@@ -685,22 +682,14 @@ def test_augment_until_ends_crops_and_cutout_before_the_end_of_the_run(tiny_data
     assert out.count("--augment-from:") == 2 and out.count("--augment-until:") == 1
 
 
-def test_a_refit_does_not_switch_the_augmentation_back(tiny_data, tmp_path, monkeypatch, capsys):
-    strong = []
-    real_call, real_total = Augmenter.__call__, TR.Trainer.total_steps
-
-    def spy(self, *args, **kw):
-        if kw.get("train", True):
-            strong.append(kw.get("strong", True))
-        return real_call(self, *args, **kw)
-
+def test_a_refit_does_not_switch_the_augmentation_back(tiny_data, tmp_path, augmented, monkeypatch, capsys):
+    real_total = TR.Trainer.total_steps
     # a refit after step 10 plans 2 more steps: --augment-until's 0.75 moves from step 9 to 10.5, past step 10
-    monkeypatch.setattr(Augmenter, "__call__", spy)
     monkeypatch.setattr(TR.Trainer, "total_steps", lambda self: real_total(self) + 2 * (self.state.global_step >= 10))
     result = TR.train(tiny_config(tiny_data, tmp_path / "run", epochs=2, augment_until=0.75, cutout=8,
                                   progress="lines"))
     assert result.stop_reason == "completed"
-    assert strong == [True] * 9 + [False] * 3
+    assert augmented == [True] * 9 + [False] * 3
     out = capsys.readouterr().out
     assert out.count("--augment-until: no random crops or cutout from step 10") == 1
     assert "--augment-from" not in out

@@ -770,9 +770,9 @@ class Trainer:
         idx = index.to(self.device, non_blocking=True)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(batch_seed(self.config.seed, epoch, step, self.dist.rank))
-        c, step, total = self.config, self.state.global_step, self.total_steps()
+        c, done, total = self.config, self.state.global_step, self.total_steps()
         phase = max(self.state.augment_phase,
-                    0 if step < c.augment_from * total else 1 if step < c.augment_until * total else 2)
+                    0 if done < c.augment_from * total else 1 if done < c.augment_until * total else 2)
         self.state.augment_phase, strong = phase, phase == 1
         if strong != self.strong:
             if self.strong is not None or not strong:
@@ -780,7 +780,7 @@ class Trainer:
                                                ("cutout", c.cutout)) if on]
                 flag = "--augment-until" if phase == 2 else "--augment-from"
                 self._say(f"{flag}: {' and '.join(named) if strong else 'no ' + ' or '.join(named)} "
-                          f"from step {step + 1}")
+                          f"from step {done + 1}")
             self.strong = strong
         x = self.augmenter(self.train_images, generator=generator, train=True, index=idx, epoch=epoch, strong=strong)
         side = self._side(self.state.global_step)
